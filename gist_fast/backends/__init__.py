@@ -1,0 +1,49 @@
+"""Backends of the GIST loss and the choice among them.
+
+A backend is a function ``(GISTInputs, GISTOptions) -> Tensor`` that returns the reduced loss with
+autograd support for the student inputs. Each lives in its own module and is imported on first
+use, so a missing optional dependency (Triton, a C++ toolchain) only matters when it is asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+from torch import Tensor
+
+from ..inputs import GISTInputs, GISTOptions
+
+BackendFn = Callable[[GISTInputs, GISTOptions], Tensor]
+
+# name -> (module, function)
+_BACKENDS: dict[str, tuple[str, str]] = {
+    "reference": ("gist_fast.backends.reference", "gist_loss_reference"),
+    "torch": ("gist_fast.backends.torch_tiled", "gist_loss_torch"),
+}
+
+BACKENDS = ("auto", *_BACKENDS)
+
+
+def register_backend(name: str, module: str, function: str) -> None:
+    """Make ``backend=name`` call ``module.function``, imported lazily."""
+    global BACKENDS
+    _BACKENDS[name] = (module, function)
+    BACKENDS = ("auto", *_BACKENDS)
+
+
+def auto_backend(inputs: GISTInputs) -> str:
+    """The best backend for the inputs' device."""
+    if inputs.anchor.device.type == "cuda" and "triton" in _BACKENDS:
+        return "triton"
+    return "torch"
+
+
+def get_backend(name: str, inputs: GISTInputs) -> BackendFn:
+    """Resolve ``name`` (or ``"auto"``) to a backend function; unknown names raise ValueError."""
+    if name == "auto":
+        name = auto_backend(inputs)
+    if name not in _BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {name!r}")
+    module, function = _BACKENDS[name]
+    return getattr(importlib.import_module(module), function)

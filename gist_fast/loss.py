@@ -1,0 +1,151 @@
+"""The public GIST loss: one function, one module, every backend behind them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from .backends import get_backend
+from .inputs import MarginStrategy, Reduction, validate
+
+
+def gist_loss(
+    anchor: Tensor,
+    positive: Tensor,
+    guide_anchor: Tensor,
+    guide_positive: Tensor,
+    negatives: Tensor | Sequence[Tensor] | None = None,
+    guide_negatives: Tensor | Sequence[Tensor] | None = None,
+    *,
+    temperature: float = 0.01,
+    margin_strategy: MarginStrategy = "absolute",
+    margin: float = 0.0,
+    contrast_anchors: bool = True,
+    contrast_positives: bool = True,
+    reduction: Reduction = "mean",
+    backend: str = "auto",
+) -> Tensor:
+    """GISTEmbed's guided contrastive loss, exactly as sentence-transformers' ``GISTEmbedLoss``.
+
+    Each anchor ``i`` is scored against its positive and the in-batch candidates (other positives;
+    other anchors when ``contrast_anchors``; other positives from the positive side when
+    ``contrast_positives``; every negative column). A candidate is dropped (its logit set to -inf)
+    when the frozen guide finds it closer to the anchor than the threshold derived from the guide's
+    anchor-positive similarity ``t_i``: ``t_i - margin`` (absolute) or ``t_i - |t_i| * margin``
+    (relative). The positive itself is never dropped. Similarities are cosine, logits are divided by
+    ``temperature``, and the loss is the softmax cross-entropy with the positive as target.
+
+    Args:
+        anchor: (B, d) student embeddings of the anchors.
+        positive: (B, d) student embeddings of the positives; row i is anchor i's positive.
+        guide_anchor: (B, dg) guide embeddings of the anchors (no gradient flows to them).
+        guide_positive: (B, dg) guide embeddings of the positives.
+        negatives: None, one (B, d) tensor, a (k, B, d) tensor or a sequence of k (B, d) tensors:
+            the student's hard-negative columns.
+        guide_negatives: the guide's embeddings of the same k columns, (B, dg) each.
+        temperature: logit scale is 1 / temperature; must be finite and > 0.
+        margin_strategy: ``"absolute"`` or ``"relative"``.
+        margin: margin of the false-negative filter (may be negative).
+        contrast_anchors: add the anchor-anchor block.
+        contrast_positives: add the positive-positive block.
+        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (a (B,) tensor).
+        backend: ``"auto"`` (Triton on CUDA, else tiled PyTorch), ``"torch"`` (tiled, memory linear
+            in B), ``"reference"`` (materialised, readable), or another registered backend.
+
+    Returns:
+        A scalar, or a (B,) tensor for ``reduction="none"``: float64 when any input is float64,
+        else float32 (half-precision inputs accumulate in float32). Gradients come back in each
+        input's own dtype.
+
+    Raises:
+        ValueError / TypeError naming the argument for inconsistent shapes, dtypes or devices, an
+        empty batch, NaN or Inf embeddings, or an invalid option.
+
+    Example:
+        >>> import torch, gist_fast
+        >>> a, p, n = torch.randn(3, 8, 16, requires_grad=True).unbind(0)
+        >>> ga, gp, gn = torch.randn(3, 8, 32).unbind(0)
+        >>> loss = gist_fast.gist_loss(a, p, ga, gp, n, gn, temperature=0.05)
+        >>> loss.backward()
+    """
+    inputs, options = validate(
+        anchor,
+        positive,
+        guide_anchor,
+        guide_positive,
+        negatives,
+        guide_negatives,
+        temperature=temperature,
+        margin_strategy=margin_strategy,
+        margin=margin,
+        contrast_anchors=contrast_anchors,
+        contrast_positives=contrast_positives,
+        reduction=reduction,
+    )
+    return get_backend(backend, inputs)(inputs, options)
+
+
+class GISTLoss(nn.Module):
+    """`gist_loss` as a module holding its options.
+
+    Args: as the keyword arguments of `gist_loss`.
+
+    Example:
+        >>> import torch, gist_fast
+        >>> criterion = gist_fast.GISTLoss(temperature=0.05, margin=0.1)
+        >>> a, p = torch.randn(2, 8, 16, requires_grad=True).unbind(0)
+        >>> ga, gp = torch.randn(2, 8, 32).unbind(0)
+        >>> criterion(a, p, ga, gp).backward()
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.01,
+        margin_strategy: MarginStrategy = "absolute",
+        margin: float = 0.0,
+        contrast_anchors: bool = True,
+        contrast_positives: bool = True,
+        reduction: Reduction = "mean",
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.temperature = temperature
+        self.margin_strategy = margin_strategy
+        self.margin = margin
+        self.contrast_anchors = contrast_anchors
+        self.contrast_positives = contrast_positives
+        self.reduction = reduction
+        self.backend = backend
+
+    def forward(
+        self,
+        anchor: Tensor,
+        positive: Tensor,
+        guide_anchor: Tensor,
+        guide_positive: Tensor,
+        negatives: Tensor | Sequence[Tensor] | None = None,
+        guide_negatives: Tensor | Sequence[Tensor] | None = None,
+    ) -> Tensor:
+        return gist_loss(
+            anchor,
+            positive,
+            guide_anchor,
+            guide_positive,
+            negatives,
+            guide_negatives,
+            temperature=self.temperature,
+            margin_strategy=self.margin_strategy,
+            margin=self.margin,
+            contrast_anchors=self.contrast_anchors,
+            contrast_positives=self.contrast_positives,
+            reduction=self.reduction,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"temperature={self.temperature}, margin_strategy={self.margin_strategy!r}, margin={self.margin}, "
+            f"contrast_anchors={self.contrast_anchors}, contrast_positives={self.contrast_positives}, "
+            f"reduction={self.reduction!r}, backend={self.backend!r}"
+        )
