@@ -130,9 +130,7 @@ def _check_group(kind: str, named: list[tuple[str, Tensor]], rows_of_positive: i
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
         if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(
-                f"{name} must have a floating dtype (float16, bfloat16, float32, float64); got {t.dtype}"
-            )
+            raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32, float64); got {t.dtype}")
         if t.dim() != 2:
             raise ValueError(f"{name} must be 2-D (rows, dim); got shape {tuple(t.shape)}")
     anchor_name, anchor = named[0]
@@ -149,9 +147,7 @@ def _check_group(kind: str, named: list[tuple[str, Tensor]], rows_of_positive: i
             )
     positive_name, positive = named[1]
     if rows_of_positive is not None and positive.shape[0] != rows_of_positive:
-        raise ValueError(
-            f"{positive_name} has {positive.shape[0]} rows but {anchor_name} has {rows_of_positive}"
-        )
+        raise ValueError(f"{positive_name} has {positive.shape[0]} rows but {anchor_name} has {rows_of_positive}")
     for name, t in named[2:]:
         if t.shape[0] != positive.shape[0]:
             raise ValueError(f"{name} has {t.shape[0]} rows but {positive_name} has {positive.shape[0]}")
@@ -194,9 +190,7 @@ def validate(
             f"negatives has {len(negs)} column(s) but guide_negatives has {len(guide_negs)}: "
             "the guide must embed every negative column the student does"
         )
-    student = [("anchor", anchor), ("positive", positive)] + [
-        (f"negatives[{m}]", t) for m, t in enumerate(negs)
-    ]
+    student = [("anchor", anchor), ("positive", positive)] + [(f"negatives[{m}]", t) for m, t in enumerate(negs)]
     guide = [("guide_anchor", guide_anchor), ("guide_positive", guide_positive)] + [
         (f"guide_negatives[{m}]", t) for m, t in enumerate(guide_negs)
     ]
@@ -206,9 +200,7 @@ def validate(
     if guide_anchor.shape[0] != anchor.shape[0]:
         raise ValueError(f"guide_anchor has {guide_anchor.shape[0]} rows but anchor has {anchor.shape[0]}")
     if guide_positive.shape[0] != positive.shape[0]:
-        raise ValueError(
-            f"guide_positive has {guide_positive.shape[0]} rows but positive has {positive.shape[0]}"
-        )
+        raise ValueError(f"guide_positive has {guide_positive.shape[0]} rows but positive has {positive.shape[0]}")
     device = anchor.device
     for name, t in student[1:] + guide:
         if t.device != device:

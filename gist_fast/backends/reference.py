@@ -1,8 +1,9 @@
 """The reference backend: DESIGN.md section 1 written as plainly as possible.
 
 Every block of logits is materialised (B x N floats in all), masked and fed to one cross-entropy;
-autograd supplies the gradients. Half-precision inputs are upcast to float32 first. It is the specification in code, the oracle of the tests (run in
-float64), and fine for small batches; use ``backend="torch"`` or ``"triton"`` for big ones.
+autograd supplies the gradients. Half-precision inputs are upcast to float32 first. It is the
+specification in code, the oracle of the tests (run in float64), and fine for small batches; use
+``backend="torch"`` or ``"triton"`` for big ones.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def gist_loss_reference(inputs: GISTInputs, options: GISTOptions) -> Tensor:
     if options.contrast_positives:
         own_p, own_gp = p[o : o + B], gp[o : o + B]
         blocks.append((own_p @ p.T, own_gp @ gp.T))
-    for n, gn in zip(negs, gnegs):
+    for n, gn in zip(negs, gnegs, strict=True):
         blocks.append((a @ n.T, ga @ gn.T))
 
     masked_blocks = []

@@ -221,7 +221,7 @@ def _row_side(
 def _through_normalisation(tiler: _Tiler, grads_hat: list[Tensor]) -> list[Tensor]:
     """dx = (dx̂ - x̂ (x̂·dx̂)) / max(||x||, eps); below eps the norm is a constant and dx = dx̂ / eps."""
     out = []
-    for which, (x, g_hat) in enumerate(zip(tiler.student, grads_hat)):
+    for which, (x, g_hat) in enumerate(zip(tiler.student, grads_hat, strict=True)):
         inv = tiler.inv_norm[which][:, None]
         x_hat = x.detach().to(tiler.dtype) * inv
         clamped = (x.detach().to(tiler.dtype).norm(dim=1) < NORM_EPS)[:, None]
@@ -264,8 +264,9 @@ class _GISTTiledFunction(torch.autograd.Function):
                 ctx.save_for_backward(lse, threshold, e_a, e_p if e_p is not None else lse.new_empty(0), *tensors)
                 ctx.deferred = True
             else:
-                weight = torch.full((B,), 1.0 / B if options.reduction == "mean" else 1.0, device=lse.device,
-                                    dtype=dtype)
+                weight = torch.full(
+                    (B,), 1.0 / B if options.reduction == "mean" else 1.0, device=lse.device, dtype=dtype
+                )
                 grads = _all_gradients(tiler, inputs, options, lse, threshold, e_a, e_p, weight, tiles)
                 ctx.save_for_backward(*grads)
                 ctx.deferred = False
@@ -281,13 +282,24 @@ class _GISTTiledFunction(torch.autograd.Function):
         if ctx.deferred:
             lse, threshold, e_a, e_p, *tensors = ctx.saved_tensors
             inputs = GISTInputs(
-                tensors[0], tensors[1], tuple(tensors[2 : 2 + k]), tensors[2 + k], tensors[3 + k],
-                tuple(tensors[4 + k :])
+                tensors[0],
+                tensors[1],
+                tuple(tensors[2 : 2 + k]),
+                tensors[2 + k],
+                tensors[3 + k],
+                tuple(tensors[4 + k :]),
             )
             tiler = _Tiler(inputs, ctx.options, lse.dtype)
             grads = _all_gradients(
-                tiler, inputs, ctx.options, lse, threshold, e_a, e_p if e_p.numel() else None,
-                grad_out.to(lse.dtype), ctx.tiles,
+                tiler,
+                inputs,
+                ctx.options,
+                lse,
+                threshold,
+                e_a,
+                e_p if e_p.numel() else None,
+                grad_out.to(lse.dtype),
+                ctx.tiles,
             )
         else:
             grads = [g * grad_out.to(g.dtype) for g in ctx.saved_tensors]
