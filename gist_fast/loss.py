@@ -25,6 +25,7 @@ def gist_loss(
     contrast_positives: bool = True,
     reduction: Reduction = "mean",
     backend: str = "auto",
+    gather_across_devices: bool = False,
 ) -> Tensor:
     """GISTEmbed's guided contrastive loss, exactly as sentence-transformers' ``GISTEmbedLoss``.
 
@@ -52,6 +53,19 @@ def gist_loss(
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (a (B,) tensor).
         backend: ``"auto"`` (Triton on CUDA, else tiled PyTorch), ``"torch"`` (tiled, memory linear
             in B), ``"reference"`` (materialised, readable), or another registered backend.
+        gather_across_devices: when True and torch.distributed is initialised with more than one
+            process, score this process's B anchors against the candidates of all W processes:
+            ``positive``, ``negatives`` and their guide embeddings are all-gathered (P = W·B rows,
+            in rank order), the anchors stay local, and anchor i's target is candidate
+            ``rank·B + i``. The student candidates are gathered with gradient: each process's local
+            candidates receive the sum over processes of the gradients of their losses (the
+            semantics of ``torch.distributed.nn.all_gather``, as in sentence-transformers), so
+            the concatenated input gradients of all processes are those of the single-process loss
+            over the concatenated batch with ``reduction="sum"``; with ``"mean"`` each process
+            averages over its own B rows. Every process must call the loss (and its backward) with
+            the same B, dims and number of negative columns; this is checked. Works with any
+            torch.distributed backend (NCCL: reduce-scatter; gloo: all-reduce). A no-op when
+            torch.distributed is not initialised or has one process.
 
     Returns:
         A scalar, or a (B,) tensor for ``reduction="none"``: float64 when any input is float64,
@@ -68,6 +82,12 @@ def gist_loss(
         >>> ga, gp, gn = torch.randn(3, 8, 32).unbind(0)
         >>> loss = gist_fast.gist_loss(a, p, ga, gp, n, gn, temperature=0.05)
         >>> loss.backward()
+
+        Across processes (e.g. under ``torchrun --nproc_per_node 2``), each process passes its own
+        shard and gets the loss of its anchors against every process's candidates::
+
+            torch.distributed.init_process_group("nccl")  # or "gloo" on CPUs
+            loss = gist_fast.gist_loss(a, p, ga, gp, n, gn, gather_across_devices=True)
     """
     inputs, options = validate(
         anchor,
@@ -83,13 +103,19 @@ def gist_loss(
         contrast_positives=contrast_positives,
         reduction=reduction,
     )
+    if not isinstance(gather_across_devices, bool):
+        raise TypeError(f"gather_across_devices must be a bool; got {type(gather_across_devices).__name__}")
+    if gather_across_devices:
+        from .distributed import gather_candidates
+
+        inputs, options = gather_candidates(inputs, options)
     return get_backend(backend, inputs)(inputs, options)
 
 
 class GISTLoss(nn.Module):
     """`gist_loss` as a module holding its options.
 
-    Args: as the keyword arguments of `gist_loss`.
+    Args: as the keyword arguments of `gist_loss`, ``gather_across_devices`` included.
 
     Example:
         >>> import torch, gist_fast
@@ -108,6 +134,7 @@ class GISTLoss(nn.Module):
         contrast_positives: bool = True,
         reduction: Reduction = "mean",
         backend: str = "auto",
+        gather_across_devices: bool = False,
     ) -> None:
         super().__init__()
         self.temperature = temperature
@@ -117,6 +144,7 @@ class GISTLoss(nn.Module):
         self.contrast_positives = contrast_positives
         self.reduction = reduction
         self.backend = backend
+        self.gather_across_devices = gather_across_devices
 
     def forward(
         self,
@@ -141,11 +169,13 @@ class GISTLoss(nn.Module):
             contrast_positives=self.contrast_positives,
             reduction=self.reduction,
             backend=self.backend,
+            gather_across_devices=self.gather_across_devices,
         )
 
     def extra_repr(self) -> str:
         return (
             f"temperature={self.temperature}, margin_strategy={self.margin_strategy!r}, margin={self.margin}, "
             f"contrast_anchors={self.contrast_anchors}, contrast_positives={self.contrast_positives}, "
-            f"reduction={self.reduction!r}, backend={self.backend!r}"
+            f"reduction={self.reduction!r}, backend={self.backend!r}, "
+            f"gather_across_devices={self.gather_across_devices}"
         )
