@@ -1,0 +1,351 @@
+"""The Triton backend: launches the two passes of `triton_kernels` and wraps them for autograd.
+
+For ``reduction="mean"``/``"sum"`` both passes run in the forward call, which returns the loss
+and saves the student gradients; backward only scales them by the incoming scalar (as Liger's
+fused linear cross-entropy does). For ``"none"`` each row has its own incoming weight, so the
+forward runs pass 1 without gradients and backward runs both passes with the weights. Memory
+beyond the inputs and their gradients: a few fp32 vectors of length B + (k+1) P and a fixed
+fp32 scratch of ``programs x BLOCK x d``.
+
+Under ``TRITON_INTERPRET=1`` the kernels run on the CPU (slowly) with fp32 dots for bf16 inputs,
+whose dot the interpreter gets wrong (DESIGN.md 4).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from ..inputs import NORM_EPS, GISTInputs, GISTOptions
+from . import triton_kernels as K
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Tile sizes and the number of persistent programs per pass.
+
+    Attributes:
+        m: rows of a tile (BLOCK_M), n: columns (BLOCK_N), k: features per dot step (BLOCK_K);
+            all powers of two >= 16 (a GPU needs every dot dimension >= 16).
+        programs: persistent programs per launch (None: a few per SM on a GPU, 3 when interpreting).
+    """
+
+    m: int = 64
+    n: int = 64
+    k: int = 64
+    programs: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("m", "n", "k"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"block size {name}={v} must be a power of two >= 16")
+
+
+GPU_BLOCKS = Blocks(64, 64, 64)
+INTERPRETER_BLOCKS = Blocks(16, 16, 16, programs=3)
+
+
+def default_blocks() -> Blocks:
+    return INTERPRETER_BLOCKS if interpreting() else GPU_BLOCKS
+
+
+def _num_programs(blocks: Blocks, tiles: int, device: torch.device) -> int:
+    if blocks.programs is not None:
+        wanted = blocks.programs
+    elif device.type == "cuda":
+        wanted = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        wanted = 3
+    return max(1, min(wanted, tiles))
+
+
+def _common_dtype(tensors: tuple[Tensor, ...]) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _stack(tensors: tuple[Tensor, ...], like: Tensor) -> Tensor:
+    """The k (P, d) tensors as one (k, P, d) tensor; a view when they already are one (as when
+    `negatives` was passed as a (k, P, d) tensor), else a copy. k = 0 gives an empty tensor."""
+    if not tensors:
+        return like.new_empty((0, *like.shape))
+    first = tensors[0]
+    if len(tensors) == 1:
+        return first.unsqueeze(0)
+    step = tensors[1].data_ptr() - first.data_ptr()
+    same_layout = all(
+        t.stride() == first.stride() and t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        for t in tensors
+    )
+    if same_layout and step % first.element_size() == 0 and step > 0:
+        step_elems = step // first.element_size()
+        if all(t.data_ptr() - first.data_ptr() == m * step for m, t in enumerate(tensors)):
+            return first.as_strided((len(tensors), *first.shape), (step_elems, *first.stride()))
+    return torch.stack(tensors)
+
+
+def _row_dots(x: Tensor, y: Tensor) -> Tensor:
+    """sum_k x[i, k] y[i, k] in fp32, one Triton program per 16 rows."""
+    rows, dim = x.shape
+    out = torch.empty(rows, device=x.device, dtype=torch.float32)
+    if rows:
+        block_r, block_k = 16, 64 if not interpreting() else 16
+        K.row_dots_kernel[(triton.cdiv(rows, block_r),)](
+            x, y, out, rows, dim, x.stride(0), x.stride(1), y.stride(0), y.stride(1), BLOCK_R=block_r, BLOCK_K=block_k
+        )
+    return out
+
+
+def _norms(tensors: list[Tensor]) -> Tensor:
+    """|x_i| of every row of every tensor, concatenated (fp32; sqrt with IEEE rounding)."""
+    return torch.cat([_row_dots(t, t) for t in tensors]).sqrt_()
+
+
+@dataclass
+class _Problem:
+    """The inputs laid out for the kernels."""
+
+    a: Tensor
+    p: Tensor
+    n: Tensor  # (k, P, d)
+    ga: Tensor
+    gp: Tensor
+    gn: Tensor  # (k, P, dg)
+    norms: Tensor  # (B + P + kP,) fp32
+    gnorms: Tensor
+    thr: Tensor  # (B,) fp32
+    options: GISTOptions
+
+    @property
+    def B(self) -> int:  # noqa: N802
+        return self.a.shape[0]
+
+    @property
+    def P(self) -> int:  # noqa: N802
+        return self.p.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.n.shape[0]
+
+    def shape_args(self) -> tuple:
+        """Sizes, scalars and strides, in the order both kernels take them."""
+        o = self.options
+        return (
+            self.B,
+            self.P,
+            self.a.shape[1],
+            self.ga.shape[1],
+            o.offset,
+            self.k,
+            1.0 / o.temperature,
+            *self.a.stride(),
+            *self.p.stride(),
+            *self.n.stride(),
+            *self.ga.stride(),
+            *self.gp.stride(),
+            *self.gn.stride(),
+        )
+
+
+def _prepare(student: tuple[Tensor, ...], guide: tuple[Tensor, ...], options: GISTOptions) -> _Problem:
+    s_dtype, g_dtype = _common_dtype(student), _common_dtype(guide)
+    student = tuple(t.detach().to(s_dtype) for t in student)
+    guide = tuple(t.detach().to(g_dtype) for t in guide)
+    a, p, negs = student[0], student[1], student[2:]
+    ga, gp, gnegs = guide[0], guide[1], guide[2:]
+    B, o = a.shape[0], options.offset
+    norms = _norms([a, p, *negs])
+    gnorms = _norms([ga, gp, *gnegs])
+    # t_i = ga_hat_i . gp_hat_{o+i}, divided like the kernel divides the guide tiles.
+    g_own = gnorms[B + o : 2 * B + o].clamp_min(NORM_EPS)
+    t = _row_dots(ga, gp[o : o + B]) / (gnorms[:B].clamp_min(NORM_EPS) * g_own)
+    return _Problem(a, p, _stack(negs, p), ga, gp, _stack(gnegs, gp), norms, gnorms, options.threshold(t), options)
+
+
+def _kernel_flags(problem: _Problem) -> dict:
+    dtype = problem.a.dtype
+    upcast = interpreting() and (dtype == torch.bfloat16 or problem.ga.dtype == torch.bfloat16)
+    return {"UPCAST": upcast, "PRECISION": "ieee"}
+
+
+def _run_passes(problem: _Problem, weight: Tensor, with_grad: bool, blocks: Blocks):
+    """Pass 1 (and, with_grad, pass 2). Returns lse, the target logits and the gradients
+    (anchor, positive, (k, P, d) negatives) or None."""
+    B, P, k, d = problem.B, problem.P, problem.k, problem.a.shape[1]
+    dev = problem.a.device
+    o = problem.options
+    lse = torch.empty(B, device=dev, dtype=torch.float32)
+    target = torch.empty_like(lse)
+    flags = _kernel_flags(problem)
+    tensors = (problem.a, problem.p, problem.n, problem.ga, problem.gp, problem.gn, problem.norms, problem.gnorms)
+    if with_grad:
+        grad_a = torch.empty((B, d), device=dev, dtype=problem.a.dtype)
+        grad_p = torch.zeros((P, d), device=dev, dtype=problem.a.dtype)
+        grad_n = torch.empty((k, P, d), device=dev, dtype=problem.a.dtype)
+    else:
+        grad_a = grad_p = grad_n = lse  # unused
+
+    programs = _num_programs(blocks, triton.cdiv(B, blocks.m), dev)
+    scratch = torch.empty((programs, 2, blocks.m, d) if with_grad else (1,), device=dev, dtype=torch.float32)
+    K.row_pass_kernel[(programs,)](
+        *tensors,
+        problem.thr,
+        weight,
+        lse,
+        target,
+        grad_a,
+        grad_p,
+        scratch,
+        *problem.shape_args(),
+        CONTRAST_ANCHORS=o.contrast_anchors,
+        CONTRAST_POSITIVES=o.contrast_positives,
+        WITH_GRAD=with_grad,
+        BLOCK_M=blocks.m,
+        BLOCK_N=blocks.n,
+        BLOCK_K=blocks.k,
+        **flags,
+    )
+    if not with_grad:
+        return lse, target, None
+
+    # Pass 2, one launch per column input: anchors (AA), positives (AP, PP), negatives (AN_m).
+    sources = [(1, grad_p, P)]
+    if o.contrast_anchors:
+        sources.insert(0, (0, grad_a, B))
+    if k:
+        sources.append((2, grad_n, k * P))
+    max_tiles = max(triton.cdiv(rows, blocks.n) for _, _, rows in sources)
+    programs = _num_programs(blocks, max_tiles, dev)
+    scratch = torch.empty((programs, blocks.n, d), device=dev, dtype=torch.float32)
+    for source, out, rows in sources:
+        K.column_pass_kernel[(min(programs, triton.cdiv(rows, blocks.n)),)](
+            *tensors,
+            problem.thr,
+            weight,
+            lse,
+            out,
+            scratch,
+            *problem.shape_args(),
+            SOURCE=source,
+            CONTRAST_POSITIVES=o.contrast_positives,
+            BLOCK_M=blocks.m,
+            BLOCK_N=blocks.n,
+            BLOCK_K=blocks.k,
+            **flags,
+        )
+    return lse, target, (grad_a, grad_p, grad_n)
+
+
+def _row_weights(options: GISTOptions, B: int, device: torch.device) -> Tensor:
+    """w_i of G = (P - 1[target]) w_i / tau: 1/B for mean, 1 for sum."""
+    value = 1.0 / B if options.reduction == "mean" else 1.0
+    return torch.full((B,), value, device=device, dtype=torch.float32)
+
+
+def _split(grads: tuple[Tensor, Tensor, Tensor]) -> list[Tensor]:
+    grad_a, grad_p, grad_n = grads
+    return [grad_a, grad_p, *grad_n.unbind(0)]
+
+
+class _GISTTritonFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, options: GISTOptions, num_negatives: int, blocks: Blocks, *tensors: Tensor):
+        k = num_negatives
+        student, guide = tensors[: 2 + k], tensors[2 + k :]
+        problem = _prepare(student, guide, options)
+        B = problem.B
+        needs_grad = any(ctx.needs_input_grad[3 : 5 + k])
+        eager_grad = needs_grad and options.reduction != "none"
+        weight = _row_weights(options, B, problem.a.device)
+        lse, target, grads = _run_passes(problem, weight, eager_grad, blocks)
+        losses = lse - target
+        if options.reduction == "mean":
+            loss = losses.sum() / B
+        elif options.reduction == "sum":
+            loss = losses.sum()
+        else:
+            loss = losses
+
+        ctx.options, ctx.k, ctx.blocks = options, k, blocks
+        ctx.dtypes = [t.dtype for t in student]
+        ctx.deferred = needs_grad and not eager_grad
+        if eager_grad:
+            ctx.save_for_backward(*_split(grads))
+        elif ctx.deferred:
+            ctx.save_for_backward(*tensors)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        k = ctx.k
+        if ctx.deferred:
+            tensors = ctx.saved_tensors
+            problem = _prepare(tensors[: 2 + k], tensors[2 + k :], ctx.options)
+            weight = grad_out.detach().to(torch.float32).contiguous()
+            _, _, grads = _run_passes(problem, weight, True, ctx.blocks)
+            grads = _split(grads)
+        elif torch.equal(grad_out, torch.ones_like(grad_out)):
+            grads = list(ctx.saved_tensors)  # loss.backward(): no copy
+        else:
+            grads = [g * grad_out.to(g.dtype) for g in ctx.saved_tensors]
+        student = [
+            g.to(dtype) if ctx.needs_input_grad[3 + i] else None
+            for i, (g, dtype) in enumerate(zip(grads, ctx.dtypes, strict=True))
+        ]
+        return (None, None, None, *student, *([None] * (2 + k)))
+
+
+def gist_loss_triton(inputs: GISTInputs, options: GISTOptions, *, blocks: Blocks | None = None) -> Tensor:
+    """Fused two-pass GIST loss in Triton (CUDA, or the CPU interpreter with TRITON_INTERPRET=1).
+
+    Exactly the loss of DESIGN.md 1 (as ``backend="reference"``), with memory linear in B: the
+    B x N logits are never materialised. fp32, fp16 and bf16 inputs (any strides) are read as
+    stored; dots accumulate in fp32, lse and the target term are fp32, gradients come back in
+    each input's dtype. Float64 inputs go to the tiled PyTorch backend, which is exact in float64.
+    Double backward is refused.
+
+    Args:
+        inputs: validated embeddings: anchor (B, d), positive (P, d), k negatives (P, d) each,
+            guide_anchor (B, dg), guide_positive (P, dg), k guide negatives (P, dg).
+        options: validated options (temperature, margin, contrast flags, reduction, offset).
+        blocks: tile sizes and program count (default: `GPU_BLOCKS`, or `INTERPRETER_BLOCKS`
+            under the interpreter).
+
+    Returns:
+        The loss: a float32 scalar, or a (B,) vector for ``reduction="none"``.
+
+    Example:
+        >>> import torch, gist_fast
+        >>> a, p, n = torch.randn(3, 4096, 768, device="cuda", dtype=torch.bfloat16).unbind(0)
+        >>> ga, gp, gn = torch.randn(3, 4096, 1024, device="cuda", dtype=torch.bfloat16).unbind(0)
+        >>> a.requires_grad_()
+        >>> gist_fast.gist_loss(a, p, ga, gp, n, gn, backend="triton").backward()
+    """
+    tensors = (*inputs.student_tensors, *inputs.guide_tensors)
+    if any(t.dtype == torch.float64 for t in tensors):
+        from .torch_tiled import gist_loss_torch
+
+        return gist_loss_torch(inputs, options)
+    if inputs.anchor.device.type != "cuda" and not interpreting():
+        raise RuntimeError(
+            "the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported, "
+            "to run its kernels on the CPU); use backend='torch' on the CPU"
+        )
+    return _GISTTritonFunction.apply(options, len(inputs.negatives), blocks or default_blocks(), *tensors)
