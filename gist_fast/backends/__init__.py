@@ -20,6 +20,7 @@ BackendFn = Callable[[GISTInputs, GISTOptions], Tensor]
 _BACKENDS: dict[str, tuple[str, str]] = {
     "reference": ("gist_fast.backends.reference", "gist_loss_reference"),
     "torch": ("gist_fast.backends.torch_tiled", "gist_loss_torch"),
+    "triton": ("gist_fast.backends.triton_backend", "gist_loss_triton"),
 }
 
 BACKENDS = ("auto", *_BACKENDS)
