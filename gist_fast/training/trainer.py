@@ -1,0 +1,363 @@
+"""The training loop: data, cached guide, GradCache steps, AdamW, checkpoints, resume, evaluation."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import latest_checkpoint, load_state, prune_checkpoints, save_checkpoint
+from .config import TrainConfig
+from .data import BatchSchedule, NoDuplicatesBatches, PairData, load_pairs
+from .encoders import Encoder, load_encoder
+from .evaluation import evaluate, format_metrics
+from .gradcache import LossOptions, NonFiniteLossError, gradcache_step
+from .guide_cache import load_or_compute_guide
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C stopped training after a checkpoint was written (``checkpoint``; resume with ``--resume``)."""
+
+    def __init__(self, message: str, checkpoint: Path | None) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
+    """LR factor: linear warmup over ``warmup`` steps, then linear decay to 0 at ``total``."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor
+
+
+class MetricsLog:
+    """Append-only JSONL log, one flushed line per event."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._f = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+
+    def write(self, **record: Any) -> None:
+        record.setdefault("time", round(time.time(), 3))
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class Trainer:
+    """Train a student embedding model with GISTEmbed, GradCache and a guide cached on disk.
+
+    Args:
+        config: a :class:`TrainConfig`.
+        student / guide: optional in-memory models (an :class:`Encoder`, a ``SentenceTransformer``
+            or ``(model, tokenizer)``) used instead of ``config.student`` / ``config.guide``.
+        train_data / eval_data: optional in-memory :class:`PairData` instead of the config's paths.
+        callbacks: functions ``f(trainer, position, loss)`` called after every optimizer step.
+
+    Example:
+        >>> cfg = TrainConfig(student="my-student", guide="my-guide", data="pairs.jsonl", output="runs/x", epochs=1)
+        >>> Trainer(cfg).train()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        student: Any = None,
+        guide: Any = None,
+        train_data: PairData | None = None,
+        eval_data: PairData | None = None,
+        callbacks: list[Callable] | None = None,
+    ) -> None:
+        config.validate()
+        self.config = config
+        self.output = Path(config.output)
+        self._student_in = student
+        self._guide_in = guide
+        self._train_in = train_data
+        self._eval_in = eval_data
+        self.callbacks = list(callbacks or [])
+        self.device = resolve_device(config.device)
+        use_bf16 = config.bf16 == "on" or (config.bf16 == "auto" and self.device.type == "cuda")
+        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+        self.student: Encoder | None = None
+        self.results: dict[str, Any] = {}
+        self._stop_requested = False
+
+    # ----------------------------------------------------------------- setup
+    def _say(self, msg: str) -> None:
+        if self.config.progress:
+            from tqdm.auto import tqdm
+
+            tqdm.write(msg)
+
+    def _prepare_defaults(self) -> tuple[Any, Any, Any, Any]:
+        """Resolve the default run's guide, student and data (built under ``output`` when missing)."""
+        from .defaults import default_guide_path, make_default_student
+
+        cfg = self.config
+        guide = self._guide_in if self._guide_in is not None else (cfg.guide or default_guide_path())
+        student = self._student_in
+        if student is None:
+            student = cfg.student
+            if student is None:
+                if not isinstance(guide, str):
+                    raise ValueError("the default student is derived from a guide directory; pass --student")
+                student = make_default_student(guide, self.output / "student-init")
+                self._say(f"student: the first 2 layers of {guide} (saved in {student})")
+        train, held = self._train_in, self._eval_in
+        if train is None and cfg.data is None:
+            from .stdlib_data import write_stdlib_splits
+
+            train_path, eval_path = write_stdlib_splits(self.output / "data")
+            self._say(f"data: standard-library docstrings -> {train_path} and {eval_path} (held out)")
+            train = str(train_path)
+            if held is None and cfg.eval_data is None:
+                held = str(eval_path)
+        return student, guide, train if train is not None else cfg.data, held if held is not None else cfg.eval_data
+
+    def _load_data(self, source: Any, what: str, limit: int | None = None) -> PairData:
+        if isinstance(source, PairData):
+            return source
+        cfg = self.config
+        return load_pairs(
+            source,
+            anchor_column=cfg.anchor_column,
+            positive_column=cfg.positive_column,
+            negative_columns=cfg.negative_columns,
+            split=cfg.data_split if what == "train" else "test",
+            limit=limit,
+        )
+
+    # ------------------------------------------------------------- training
+    def train(self) -> dict[str, Any]:
+        """Run training to the end (or to Ctrl-C / a non-finite loss); returns metrics and paths.
+
+        Raises:
+            NonFiniteLossError: a NaN or Inf loss or gradient; the model is not updated by that step
+                and the checkpoints on disk are kept.
+            TrainingInterrupted: Ctrl-C; a checkpoint of the last finished step was written first.
+        """
+        cfg = self.config
+        self.output.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed)
+        student_src, guide_src, train_src, eval_src = self._prepare_defaults()
+        train = self._load_data(train_src, "train", cfg.max_train_rows)
+        held = self._load_data(eval_src, "eval") if eval_src is not None else None
+        self._say(f"train: {len(train)} pairs, {len(train.negatives)} negative column(s) from {train.source}")
+
+        resume_from = latest_checkpoint(self.output) if cfg.resume else None
+        if cfg.resume and resume_from is None:
+            self._say(f"--resume: no checkpoint under {self.output / 'checkpoints'}; starting from scratch")
+        student = load_encoder(
+            resume_from / "model" if resume_from else student_src, max_seq_length=cfg.max_seq_length, device=self.device
+        )
+        self.student = student
+        if cfg.gradient_checkpointing:
+            student.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+        guide = load_encoder(guide_src, max_seq_length=cfg.guide_max_seq_length, device=self.device)
+        guide.eval().requires_grad_(False)
+        cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else self.output / "cache"
+        table = load_or_compute_guide(
+            guide,
+            train,
+            cache_dir,
+            batch_size=cfg.guide_batch_size,
+            dtype=self.autocast_dtype,
+            progress=cfg.progress,
+        )
+        log = MetricsLog(self.output / "metrics.jsonl")
+        try:
+            if held is not None and resume_from is None:
+                if cfg.eval_guide:
+                    self.results["guide"] = self._evaluate(guide, held, log, "guide")
+                self.results["before"] = self._evaluate(student, held, log, "before")
+            del guide
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self._loop(student, train, table, log, resume_from)
+            student.save(self.output)
+            self._say(f"final model saved in {self.output}")
+            if held is not None:
+                self.results["after"] = self._evaluate(student, held, log, "after")
+                if "before" in self.results:
+                    self._say(
+                        f"ndcg@10: {self.results['before']['ndcg@10']:.4f} -> {self.results['after']['ndcg@10']:.4f}"
+                    )
+        finally:
+            log.close()
+        self.results["output"] = str(self.output)
+        _atomic_write_text(self.output / "results.json", json.dumps(self.results, indent=2) + "\n")
+        return self.results
+
+    def _evaluate(self, encoder: Encoder, held: PairData, log: MetricsLog, when: str) -> dict:
+        m = evaluate(encoder, held, batch_size=self.config.eval_batch_size, dtype=self.autocast_dtype, progress=False)
+        log.write(event="eval", when=when, **m)
+        self._say(f"eval ({when}): {format_metrics(m)}  [{m['queries']} queries, {m['corpus']} documents]")
+        return m
+
+    def _loop(self, student: Encoder, train: PairData, table, log: MetricsLog, resume_from: Path | None) -> None:
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        sampler = NoDuplicatesBatches(train, cfg.batch_size, seed=cfg.seed, drop_last=cfg.drop_last)
+        schedule = BatchSchedule(sampler, epochs=cfg.epochs if cfg.max_steps is None else None, max_steps=cfg.max_steps)
+        if cfg.max_steps is None and cfg.epochs is None:
+            schedule = BatchSchedule(sampler, epochs=1)
+        total = schedule.total_steps
+        decay, no_decay = [], []
+        for name, p in student.model.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 or "LayerNorm" in name or "norm" in name.lower() else decay).append(p)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr,
+        )
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, total))
+        identity = {
+            "data": train.fingerprint(),
+            "batch_size": cfg.batch_size,
+            "seed": cfg.seed,
+            "total_steps": total,
+            "guide": table.key,
+        }
+        start = 0
+        if resume_from is not None:
+            start = load_state(resume_from, optimizer, scheduler, identity, self.device)
+            self._say(f"resumed from {resume_from} at step {start}/{total}")
+            log.write(event="resume", step=start, checkpoint=str(resume_from))
+        loss_options = LossOptions(
+            temperature=cfg.temperature,
+            margin_strategy=cfg.margin_strategy,
+            margin=cfg.margin,
+            contrast_anchors=cfg.contrast_anchors,
+            contrast_positives=cfg.contrast_positives,
+            backend=cfg.loss_backend,
+        )
+        student.train()
+        columns = train.columns()
+        last_ckpt = latest_checkpoint(self.output)
+        previous = signal.getsignal(signal.SIGINT)
+        self._stop_requested = False
+
+        def on_sigint(signum, frame):
+            if self._stop_requested:  # second Ctrl-C: abort now, keep the checkpoints on disk
+                signal.signal(signal.SIGINT, previous)
+                raise KeyboardInterrupt
+            self._stop_requested = True
+            tqdm.write("Ctrl-C: finishing this step, then saving a checkpoint (press again to abort without saving)")
+
+        in_main = _is_main_thread()
+        if in_main:
+            signal.signal(signal.SIGINT, on_sigint)
+        bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not cfg.progress)
+        t0 = time.perf_counter()
+        seen = 0
+        try:
+            for pos, rows in schedule.iterate(start):
+                t_step = time.perf_counter()
+                batch_cols = [[col[i] for i in rows] for col in columns]
+                guide_cols = table.batch(rows, self.device)
+                try:
+                    loss = gradcache_step(
+                        student,
+                        batch_cols,
+                        guide_cols,
+                        mini_batch_size=cfg.mini_batch_size,
+                        loss_options=loss_options,
+                        autocast_dtype=self.autocast_dtype,
+                    )
+                    params = [p for g in optimizer.param_groups for p in g["params"]]
+                    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+                    if not torch.isfinite(grad_norm):
+                        raise NonFiniteLossError(f"the gradient norm is {grad_norm.item()}")
+                except NonFiniteLossError as e:
+                    optimizer.zero_grad(set_to_none=True)
+                    kept = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+                    log.write(event="nonfinite", step=pos.step + 1, message=str(e))
+                    raise NonFiniteLossError(
+                        f"{e} at step {pos.step + 1} (epoch {pos.epoch}, batch {pos.batch}); stopped without "
+                        f"applying it; {kept} (resume with --resume, perhaps with a lower --lr "
+                        "or a higher --temperature)"
+                    ) from None
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step = pos.step + 1
+                seen += len(rows)
+                dt = time.perf_counter() - t_step
+                rate = seen / (time.perf_counter() - t0)
+                log.write(
+                    step=step,
+                    epoch=pos.epoch,
+                    loss=loss.item(),
+                    lr=scheduler.get_last_lr()[0],
+                    grad_norm=grad_norm.item(),
+                    rows=len(rows),
+                    step_s=round(dt, 4),
+                    samples_per_s=round(rate, 3),
+                )
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{rate:.1f}")
+                for cb in self.callbacks:
+                    cb(self, pos, loss)
+                is_last = step == total
+                if (cfg.save_steps and step % cfg.save_steps == 0 and not is_last) or self._stop_requested:
+                    last_ckpt = save_checkpoint(self.output, student, optimizer, scheduler, step, identity)
+                    prune_checkpoints(self.output, cfg.save_total_limit, keep=last_ckpt)
+                    log.write(event="checkpoint", step=step, path=str(last_ckpt))
+                if self._stop_requested and not is_last:
+                    raise TrainingInterrupted(
+                        f"interrupted after step {step}/{total}; checkpoint saved in {last_ckpt} "
+                        "(continue with --resume)",
+                        last_ckpt,
+                    )
+        finally:
+            bar.close()
+            if in_main:
+                signal.signal(signal.SIGINT, previous)
+        self.results["steps"] = total
+        self.results["train_samples_per_s"] = seen / max(time.perf_counter() - t0, 1e-9)
+
+
+def _is_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+__all__ = ["Trainer", "TrainingInterrupted", "NonFiniteLossError", "linear_schedule"]
