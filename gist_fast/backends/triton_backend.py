@@ -19,12 +19,19 @@ from dataclasses import dataclass
 import torch
 import triton
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from ..inputs import NORM_EPS, GISTInputs, GISTOptions
 from . import triton_kernels as K
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+RETAIN_GRAPH_ERROR = (
+    "gist_fast: the Triton backend computes the gradients of reduction='mean'/'sum' in the forward "
+    "pass and hands them to the first backward; backward through the same loss twice "
+    "(retain_graph=True) is not supported: compute the loss again"
+)
+DOUBLE_BACKWARD_ERROR = (
+    "gist_fast: the Triton backend does not support double backward (create_graph=True): its gradients "
+    "come from fused kernels, not from differentiable operations"
+)
 
 
 def interpreting() -> bool:
@@ -285,15 +292,19 @@ class _GISTTritonFunction(torch.autograd.Function):
         ctx.options, ctx.k, ctx.blocks = options, k, blocks
         ctx.dtypes = [t.dtype for t in student]
         ctx.deferred = needs_grad and not eager_grad
-        if eager_grad:
-            ctx.save_for_backward(*_split(grads))
-        elif ctx.deferred:
+        # The gradients are kept on ctx, not saved: backward hands them over and drops its own
+        # reference, so autograd can take them as .grad without a copy (no second B x d buffer).
+        ctx.grads = _split(grads) if eager_grad else None
+        if ctx.deferred:
             ctx.save_for_backward(*tensors)
         return loss
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out: Tensor):
+        # Refuse create_graph=True up front (once_differentiable would only fail one step later,
+        # and not at all when grad_out does not require grad).
+        if torch.is_grad_enabled():
+            raise RuntimeError(DOUBLE_BACKWARD_ERROR)
         k = ctx.k
         if ctx.deferred:
             tensors = ctx.saved_tensors
@@ -301,10 +312,14 @@ class _GISTTritonFunction(torch.autograd.Function):
             weight = grad_out.detach().to(torch.float32).contiguous()
             _, _, grads = _run_passes(problem, weight, True, ctx.blocks)
             grads = _split(grads)
-        elif torch.equal(grad_out, torch.ones_like(grad_out)):
-            grads = list(ctx.saved_tensors)  # loss.backward(): no copy
         else:
-            grads = [g * grad_out.to(g.dtype) for g in ctx.saved_tensors]
+            grads, ctx.grads = ctx.grads, None
+            if grads is None:
+                raise RuntimeError(RETAIN_GRAPH_ERROR)
+            scale = float(grad_out)
+            if scale != 1.0:  # loss.backward() passes 1: nothing to do
+                for g in grads:
+                    g.mul_(scale)
         student = [
             g.to(dtype) if ctx.needs_input_grad[3 + i] else None
             for i, (g, dtype) in enumerate(zip(grads, ctx.dtypes, strict=True))

@@ -1,0 +1,290 @@
+"""The Triton backend against the float64 oracle: options, block edges, dtypes, offset, strides.
+
+On a machine without CUDA, conftest.py sets TRITON_INTERPRET=1 so the real kernels run on the CPU
+through Triton's interpreter; shapes are small and the blocks are 16 wide there (INTERPRETER_BLOCKS),
+so a few rows and columns already cross tile edges. Tolerances as in test_loss.py
+(problems.TOLERANCES): float32 loss 2e-5 / gradients 1e-4, float16 2e-5 / 2e-3,
+bfloat16 2e-5 / 1.6e-2, relative to the largest magnitude of the compared tensor.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from problems import (  # noqa: E402
+    NEGATIVE_COUNTS,
+    REDUCTIONS,
+    TOLERANCES,
+    Problem,
+    assert_close_scaled,
+    assert_matches_oracle,
+    draw_problem,
+    draw_random_problem,
+    loss_and_grads,
+    option_cross_product,
+    rng_for,
+)
+
+import gist_fast  # noqa: E402
+from gist_fast.backends.reference import gist_loss_reference  # noqa: E402
+from gist_fast.backends.triton_backend import Blocks, gist_loss_triton, interpreting  # noqa: E402
+from gist_fast.inputs import validate  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+# bf16 runs everywhere (the interpreter takes its dots in fp32, DESIGN.md 4).
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DEFAULT_OPTIONS = {
+    "temperature": 0.01,
+    "margin_strategy": "absolute",
+    "margin": 0.0,
+    "contrast_anchors": True,
+    "contrast_positives": True,
+    "reduction": "mean",
+}
+
+
+def on_device(problem: Problem) -> Problem:
+    return Problem([t.to(DEVICE) for t in problem.student], [t.to(DEVICE) for t in problem.guide], problem.options)
+
+
+def triton_loss(blocks: Blocks | None = None):
+    """`gist_loss(..., backend="triton")`, or the backend function with explicit blocks."""
+    if blocks is None:
+        return lambda *a, **kw: gist_fast.gist_loss(*a, **kw, backend="triton")
+
+    def loss_fn(a, p, ga, gp, n, gn, **options):
+        inputs, opts = validate(a, p, ga, gp, n, gn, **(DEFAULT_OPTIONS | options))
+        return gist_loss_triton(inputs, opts, blocks=blocks)
+
+    return loss_fn
+
+
+def check(problem: Problem, dtype: torch.dtype = torch.float32, blocks: Blocks | None = None) -> None:
+    """Loss and gradients match the oracle (which runs on the CPU in float64)."""
+    problem = on_device(problem)
+    assert_matches_oracle(triton_loss(blocks), problem, dtype)
+
+
+@pytest.mark.parametrize("options", option_cross_product(), ids=lambda o: "-".join(str(v) for v in o.values()))
+def test_option_cross_product(options):
+    rng = rng_for("triton-options", options)
+    problem = draw_problem(
+        rng, rng.choice([2, 3, 5]), rng.choice([1, 7, 20]), rng.choice([5, 18]), rng.choice(NEGATIVE_COUNTS),
+        options=options,
+    )  # fmt: skip
+    check(problem)
+
+
+# (B, d, dg, k): B smaller than a block, equal to it, just over it, several blocks; d and dg
+# below, at and above BLOCK_K = 16 and not multiples of it.
+EDGE_SHAPES = [
+    (1, 1, 1, 0),
+    (1, 16, 3, 3),
+    (15, 17, 16, 1),
+    (16, 16, 33, 0),
+    (17, 33, 7, 2),
+    (33, 7, 1, 1),
+    (40, 48, 20, 1),
+]
+
+
+@pytest.mark.parametrize("shape", EDGE_SHAPES, ids=lambda s: "B{}-d{}-dg{}-k{}".format(*s))
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_block_edges(shape, reduction):
+    batch, dim, guide_dim, k = shape
+    rng = rng_for("triton-edges", shape, reduction)
+    options = draw_random_problem(rng).options | {"reduction": reduction}
+    check(draw_problem(rng, batch, dim, guide_dim, k, options=options))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("trial", range(4))
+def test_dtypes(dtype, trial):
+    rng = rng_for("triton-dtype", dtype, trial)
+    check(draw_random_problem(rng, max_batch=17, dims=[1, 7, 24, 40]), dtype)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="realistic feature dims take minutes under the interpreter")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dims", [(384, 1024), (768, 1024), (1024, 768), (1536, 384), (4096, 1024), (7, 1)])
+def test_feature_dims_gpu(dims, dtype):
+    rng = rng_for("triton-dims", dims, dtype)
+    batch = rng.choice([200, 1000, 1500])
+    check(draw_problem(rng, batch, dims[0], dims[1], 1, options={"temperature": 0.05}), dtype)
+
+
+@pytest.mark.parametrize(
+    "blocks",
+    [Blocks(16, 16, 16, programs=1), Blocks(32, 16, 16, programs=2), Blocks(16, 32, 32, programs=5)],
+    ids=lambda b: f"m{b.m}-n{b.n}-k{b.k}-p{b.programs}",
+)
+def test_block_configs(blocks):
+    """Persistent programs that own several tiles, rectangular tiles, BLOCK_K > d."""
+    rng = rng_for("triton-blocks", blocks)
+    problem = draw_problem(rng, 37, 20, 9, 2, options={"reduction": "mean", "temperature": 0.05})
+    check(problem, blocks=blocks)
+    check(Problem(problem.student, problem.guide, {"reduction": "none", "temperature": 0.1}), blocks=blocks)
+
+
+def _gathered(rng, batch: int, world: int, rank: int, k: int, dtype: torch.dtype):
+    """Student/guide tensors of a gathered problem: B local anchors, P = world * B candidates."""
+    base = draw_problem(rng, batch * world, 9, 6, k)
+    rows = slice(rank * batch, (rank + 1) * batch)
+    student = [base.student[0][rows]] + base.student[1:]
+    guide = [base.guide[0][rows]] + base.guide[1:]
+    return [t.to(dtype) for t in student], [t.to(dtype) for t in guide]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("world,rank", [(2, 1), (3, 1), (3, 2)])
+def test_gather_offset(world, rank, dtype):
+    """P = world * B candidates; anchor i's target is column offset + i (offset = rank * B)."""
+    rng = rng_for("triton-offset", world, rank, dtype)
+    batch, k = rng.choice([3, 17]), rng.choice([0, 1, 2])
+    student, guide = _gathered(rng, batch, world, rank, k, dtype)
+    options = {
+        "temperature": 0.05,
+        "margin_strategy": rng.choice(["absolute", "relative"]),
+        "margin": rng.choice([0.0, 0.1]),
+        "contrast_anchors": rng.random() < 0.5,
+        "contrast_positives": rng.random() < 0.5,
+        "reduction": rng.choice(["none", "sum", "mean"]),
+        "offset": rank * batch,
+        "expected_candidates": batch * world,
+    }
+
+    def run(backend_fn, tensors, on):
+        s = [t.detach().to(on).requires_grad_() for t in tensors[0]]
+        g = [t.to(on) for t in tensors[1]]
+        inputs, opts = validate(s[0], s[1], g[0], g[1], s[2:] or None, g[2:] or None, **options)
+        loss = backend_fn(inputs, opts)
+        weight = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device).reshape(loss.shape)
+        return loss, torch.autograd.grad((loss * weight).sum(), s)
+
+    wide = ([t.double() for t in student], [t.double() for t in guide])
+    expected_loss, expected_grads = run(gist_loss_reference, wide, "cpu")
+    loss, grads = run(gist_loss_triton, (student, guide), DEVICE)
+    # Error floors as in problems.assert_matches_oracle: logits scale like 1/temperature, and the
+    # normalisation's projection cancels terms of size weight/temperature/|x| (x B rows for sums).
+    tol, logit_scale = TOLERANCES[dtype], 1.0 / options["temperature"]
+    rows = 1 if options["reduction"] == "mean" else batch
+    assert_close_scaled(loss.cpu(), expected_loss, tol["loss"], "loss", floor=0.1 * logit_scale)
+    for got, want, x in zip(grads, expected_grads, student, strict=True):
+        assert got.dtype == dtype
+        floor = 1e-2 * logit_scale * 1.5 * rows / x.double().norm(dim=1).min().item()
+        assert_close_scaled(got.cpu(), want, tol["grad"], "grad", floor=floor)
+
+
+def test_non_contiguous_and_stacked_negatives():
+    """Transposed and strided inputs, negatives as one (k, P, d) tensor and as separate tensors."""
+    rng = rng_for("triton-strides")
+    problem = draw_problem(rng, 19, 12, 10, 2, options={"reduction": "sum", "temperature": 0.05})
+    expected_loss, expected_grads = loss_and_grads(triton_loss(), on_device(problem), torch.float32)
+
+    def strided(t: torch.Tensor) -> torch.Tensor:
+        # Same values, column-major storage with a gap between columns.
+        wide = torch.zeros(t.shape[1], 2 * t.shape[0], dtype=torch.float32, device=DEVICE)
+        wide[:, ::2] = t.T.float()
+        return wide[:, ::2].T
+
+    student = [strided(t).requires_grad_() for t in problem.student]
+    guide = [strided(t) for t in problem.guide]
+    assert not student[0].is_contiguous()
+    loss = gist_fast.gist_loss(
+        student[0], student[1], guide[0], guide[1], student[2:], guide[2:], backend="triton", **problem.options
+    )
+    grads = torch.autograd.grad(loss * problem_weight(problem), student)
+    assert_close_scaled(loss, expected_loss, 1e-6, "loss (strided)")
+    for got, want in zip(grads, expected_grads, strict=True):
+        assert_close_scaled(got, want, 1e-5, "grad (strided)")
+
+    # Negatives as one (k, P, d) tensor: the backend reads them through a view.
+    negs = torch.stack([t.detach().float() for t in problem.student[2:]]).to(DEVICE).requires_grad_()
+    s = [t.detach().float().to(DEVICE).requires_grad_() for t in problem.student[:2]]
+    g = [t.float().to(DEVICE) for t in problem.guide]
+    loss = gist_fast.gist_loss(s[0], s[1], g[0], g[1], negs, torch.stack(g[2:]), backend="triton", **problem.options)
+    grads = torch.autograd.grad(loss * problem_weight(problem), [*s, negs])
+    assert_close_scaled(loss, expected_loss, 1e-6, "loss (stacked)")
+    for got, want in zip([*grads[:2], *grads[2].unbind(0)], expected_grads, strict=True):
+        assert_close_scaled(got, want, 1e-5, "grad (stacked)")
+
+
+def problem_weight(problem: Problem) -> torch.Tensor:
+    from problems import upstream_weight
+
+    return upstream_weight(problem, torch.float32).to(DEVICE)
+
+
+def test_exact_ties_are_kept():
+    """A guide of dimension 1 makes every guide cosine exactly +-1: with margin 0 every candidate
+    on the positive's side ties with the threshold and must be kept (strict rule), as in float64."""
+    rng = rng_for("triton-ties")
+    for margin in (0.0, 0.1, -0.1):
+        problem = draw_problem(rng, 21, 8, 1, 1, options={"margin": margin, "temperature": 0.1})
+        check(problem)
+
+
+def test_loss_backward_and_determinism():
+    """loss.backward() (grad_out = 1, no copy) gives the oracle's gradients, bit-identical twice."""
+    rng = rng_for("triton-determinism")
+    problem = on_device(draw_problem(rng, 23, 10, 6, 1, options={"temperature": 0.05}))
+    runs = []
+    for _ in range(2):
+        student, guide = problem.args(torch.float32)
+        loss = gist_fast.gist_loss(*student[:2], *guide[:2], student[2:], guide[2:], temperature=0.05, backend="triton")
+        loss.backward()
+        runs.append([t.grad.clone() for t in student])
+    for first, second in zip(*runs, strict=True):
+        assert torch.equal(first, second)
+    from problems import oracle
+
+    unit = Problem(problem.student, problem.guide, {"temperature": 0.05})
+    _, expected = oracle(
+        Problem([t.cpu() for t in unit.student], [t.cpu() for t in unit.guide], unit.options), torch.float32
+    )
+    scale = float(problem_weight(unit))  # the oracle used this upstream weight
+    for got, want in zip(runs[0], expected, strict=True):
+        assert_close_scaled(got.cpu() * scale, want, 1e-4, "grad via loss.backward()")
+
+
+def test_double_backward_is_refused():
+    rng = rng_for("triton-double")
+    problem = on_device(draw_problem(rng, 4, 5, 3, 0))
+    student, guide = problem.args(torch.float32)
+    loss = gist_fast.gist_loss(*student[:2], *guide[:2], backend="triton")
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, student[0], create_graph=True)
+    (grad,) = torch.autograd.grad(loss, student[0])  # a plain backward still works afterwards
+    assert torch.isfinite(grad).all()
+
+
+def test_no_grad_inputs_and_float64():
+    rng = rng_for("triton-nograd")
+    problem = on_device(draw_problem(rng, 9, 6, 4, 1, options={"reduction": "none"}))
+    student, guide = problem.args(torch.float32, requires_grad=False)
+    loss = gist_fast.gist_loss(*student[:2], *guide[:2], student[2:], guide[2:], backend="triton", reduction="none")
+    want = gist_fast.gist_loss(*student[:2], *guide[:2], student[2:], guide[2:], backend="reference", reduction="none")
+    assert_close_scaled(loss, want, 2e-5, "loss without grad")
+    # float64 is computed exactly (by the tiled PyTorch path).
+    check(problem, torch.float64)
+
+
+@pytest.mark.skipif(ON_GPU or not interpreting(), reason="checks the CPU interpreter setup")
+def test_runs_under_the_interpreter():
+    assert interpreting()
+
+
+def test_second_backward_through_one_loss_is_refused():
+    """mean/sum hand their precomputed gradients to the first backward (no copy); a second one
+    through the same graph must fail loudly rather than return stale gradients."""
+    rng = rng_for("triton-retain")
+    problem = on_device(draw_problem(rng, 5, 6, 4, 1))
+    student, guide = problem.args(torch.float32)
+    loss = gist_fast.gist_loss(*student[:2], *guide[:2], student[2:], guide[2:], backend="triton")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        loss.backward()
