@@ -1,0 +1,393 @@
+"""Drop-in replacements for sentence-transformers' ``GISTEmbedLoss`` and ``CachedGISTEmbedLoss``.
+
+Change one import and keep the rest of the training script::
+
+    # from sentence_transformers.losses import GISTEmbedLoss, CachedGISTEmbedLoss
+    from gist_fast.integrations.sentence_transformers import GISTEmbedLoss, CachedGISTEmbedLoss
+
+The classes subclass sentence-transformers' own, so they embed exactly as those do (merged column
+forwards, re-tokenisation for the guide when the tokenizers differ, GradCache mini-batches with
+replayed RNG state and the backward hook), take the same constructor arguments with the same
+defaults, and work inside ``MatryoshkaLoss``. Only the loss on the embeddings is replaced: it is
+computed by `gist_fast.gist_loss`, whose memory is linear in the batch (sentence-transformers builds
+B x N x d tensors to compute cosine similarities by broadcasting) and which runs a fused Triton kernel
+on CUDA. The extra ``backend`` argument picks the `gist_fast.gist_loss` backend.
+
+This module needs ``sentence-transformers`` (tested with 6.2); ``import gist_fast`` does not import it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from .. import backends as _backends
+from ..loss import gist_loss
+
+try:  # sentence-transformers >= 5.4 moved the losses; the old paths still work there but warn.
+    from sentence_transformers.sentence_transformer.losses import CachedGISTEmbedLoss as _STCachedGISTEmbedLoss
+    from sentence_transformers.sentence_transformer.losses import GISTEmbedLoss as _STGISTEmbedLoss
+except ImportError:  # pragma: no cover - older sentence-transformers
+    try:
+        from sentence_transformers.losses import CachedGISTEmbedLoss as _STCachedGISTEmbedLoss
+        from sentence_transformers.losses import GISTEmbedLoss as _STGISTEmbedLoss
+    except ImportError as error:
+        raise ImportError(
+            "gist_fast.integrations.sentence_transformers needs sentence-transformers: "
+            "pip install 'sentence-transformers>=5'"
+        ) from error
+from sentence_transformers.util import batch_to_device
+
+try:  # sentence-transformers 6: one merged forward for the candidate columns.
+    from sentence_transformers.base.losses.merged_forward import embed_columns as _embed_columns
+except ImportError:  # pragma: no cover - older sentence-transformers embed column by column
+
+    def _embed_columns(model, features_list):
+        return [model(features)["sentence_embedding"] for features in features_list]
+
+
+__all__ = ["GISTEmbedLoss", "CachedGISTEmbedLoss"]
+
+_HAS_MINI_BATCH_NUM_TOKENS = "mini_batch_num_tokens" in inspect.signature(_STCachedGISTEmbedLoss.__init__).parameters
+
+GIST_CITATION = """
+@misc{solatorio2024gistembed,
+    title={GISTEmbed: Guided In-sample Selection of Training Negatives for Text Embedding Fine-tuning},
+    author={Aivin V. Solatorio},
+    year={2024},
+    eprint={2402.16829},
+    archivePrefix={arXiv},
+    primaryClass={cs.LG}
+}
+"""
+
+GRADCACHE_CITATION = """
+@misc{gao2021scaling,
+    title={Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup},
+    author={Luyu Gao and Yunyi Zhang and Jiawei Han and Jamie Callan},
+    year={2021},
+    eprint={2101.06983},
+    archivePrefix={arXiv},
+    primaryClass={cs.LG}
+}
+"""
+
+
+def _check_backend(backend: str) -> str:
+    if not isinstance(backend, str) or backend not in _backends.BACKENDS:
+        raise ValueError(f"backend must be one of {_backends.BACKENDS}; got {backend!r}")
+    return backend
+
+
+def _decode_for_guide(loss: Any, sentence_feature: dict[str, Any]) -> dict[str, Any]:
+    """The student's tokens back to text, then tokenised by the guide (as sentence-transformers does)."""
+    input_ids = sentence_feature["input_ids"]
+    if "cu_seq_lens_q" in sentence_feature:  # flattened (FA2 unpadded) batch
+        flat_input_ids = input_ids[0].tolist()
+        cu_seq_lens = sentence_feature["cu_seq_lens_q"].tolist()
+        input_ids = [flat_input_ids[start:end] for start, end in zip(cu_seq_lens[:-1], cu_seq_lens[1:], strict=True)]
+    decoded = loss.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
+    return batch_to_device(loss.guide.preprocess(decoded), loss.guide.device)
+
+
+def _columns(what: str, student: list[Tensor], guide: list[Tensor]) -> None:
+    if len(student) < 2:
+        raise ValueError(
+            f"{what} needs at least 2 input columns (anchor, positive[, negative_1, ...]); got {len(student)}"
+        )
+    if len(student) != len(guide):
+        raise ValueError(f"reps and reps_guided must have the same length; got {len(student)} and {len(guide)}")
+
+
+class GISTEmbedLoss(_STGISTEmbedLoss):
+    def __init__(
+        self,
+        model,
+        guide,
+        temperature: float = 0.01,
+        margin_strategy: Literal["absolute", "relative"] = "absolute",
+        margin: float = 0.0,
+        contrast_anchors: bool = True,
+        contrast_positives: bool = True,
+        gather_across_devices: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        """sentence-transformers' ``GISTEmbedLoss``, with the loss computed by `gist_fast.gist_loss`.
+
+        Trains a SentenceTransformer with the GISTEmbed objective: a frozen guide model decides which
+        in-batch candidates are false negatives, and those are left out of the softmax. Embedding
+        (including the guide's re-tokenisation when the tokenizers differ) is sentence-transformers'
+        own; the loss on the embeddings is gist-fast's, which gives the same value and gradients
+        with memory linear in the batch instead of B x N x d.
+
+        Candidates whose guide similarity to the anchor exceeds a threshold are discarded:
+
+            - "absolute": ``guide(anchor, candidate) > guide(anchor, positive) - margin``
+            - "relative": ``guide(anchor, candidate) > guide(anchor, positive) - |guide(anchor, positive)| * margin``
+
+        Args:
+            model: SentenceTransformer model to train (based on a `transformers` model).
+            guide: SentenceTransformer model that guides the in-batch negative selection (frozen).
+            temperature: cosine similarities are divided by this. Inverse of the ``scale`` of
+                ``MultipleNegativesRankingLoss``. Defaults to 0.01.
+            margin_strategy: ``"absolute"`` or ``"relative"``, see above.
+            margin: the margin of the false-negative filter. Defaults to 0.0: with ``"absolute"``
+                this drops only candidates the guide finds closer to the anchor than the positive.
+            contrast_anchors: add the anchor-anchor similarities (pushes anchors apart). Default True,
+                as in the GISTEmbed paper.
+            contrast_positives: add the positive-positive similarities. Default True, as in the paper;
+                False may suit some retrieval tasks.
+            gather_across_devices: all-gather positives, negatives and their guide embeddings over
+                torch.distributed (with gradient) so each process scores its anchors against every
+                process's candidates. Recommended on several GPUs.
+            backend: the `gist_fast.gist_loss` backend: ``"auto"`` (Triton on CUDA, tiled PyTorch
+                elsewhere), ``"torch"``, ``"reference"`` or another registered one.
+
+        References:
+            - GISTEmbed: https://arxiv.org/abs/2402.16829
+
+        Requirements:
+            1. (anchor, positive) pairs, or (anchor, positive, negative_1, ..., negative_n): unlike
+               sentence-transformers' class, any number of negative columns is accepted.
+
+        Inputs:
+            +-------------------------------------------------+--------+
+            | Inputs                                          | Labels |
+            +=================================================+========+
+            | (anchor, positive) pairs                        | none   |
+            +-------------------------------------------------+--------+
+            | (anchor, positive, negative) triplets           | none   |
+            +-------------------------------------------------+--------+
+            | (anchor, positive, negative_1, ..., negative_n) | none   |
+            +-------------------------------------------------+--------+
+
+        Recommendations:
+            - Use ``BatchSamplers.NO_DUPLICATES`` so that no in-batch candidate duplicates an anchor
+              or a positive.
+
+        Relations:
+            - :class:`CachedGISTEmbedLoss` gives the same loss with GradCache mini-batches, for
+              batches larger than the encoder's activations allow.
+
+        Example:
+            ::
+
+                from datasets import Dataset
+                from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+
+                from gist_fast.integrations.sentence_transformers import GISTEmbedLoss
+
+                model = SentenceTransformer("microsoft/mpnet-base")
+                guide = SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2")
+                train_dataset = Dataset.from_dict({
+                    "anchor": ["It's nice weather outside today.", "He drove to work."],
+                    "positive": ["It's so sunny.", "He took the car to the office."],
+                })
+                loss = GISTEmbedLoss(model, guide)
+
+                trainer = SentenceTransformerTrainer(model=model, train_dataset=train_dataset, loss=loss)
+                trainer.train()
+        """
+        super().__init__(
+            model,
+            guide,
+            temperature=temperature,
+            margin_strategy=margin_strategy,
+            margin=margin,
+            contrast_anchors=contrast_anchors,
+            contrast_positives=contrast_positives,
+            gather_across_devices=gather_across_devices,
+        )
+        self.backend = _check_backend(backend)
+
+    def embed(self, sentence_features: Iterable[dict[str, Tensor]]) -> tuple[list[Tensor], list[Tensor]]:
+        """Student embeddings (with gradient) and guide embeddings (without) of every input column,
+        computed exactly as sentence-transformers' ``GISTEmbedLoss.forward`` computes them."""
+        sentence_features = list(sentence_features)
+        # Run the guide on shallow copies: it writes its outputs into the features it is given, and
+        # loss decorators like MatryoshkaLoss reuse the dicts the model filled.
+        guide_features = [dict(sentence_feature) for sentence_feature in sentence_features]
+        embeddings = _embed_columns(self.model, sentence_features)
+        with torch.no_grad():
+            if self.must_retokenize:
+                guide_features = [_decode_for_guide(self, feature) for feature in sentence_features]
+            guide_embeddings = _embed_columns(self.guide, guide_features)
+        return list(embeddings), list(guide_embeddings)
+
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
+        embeddings, guide_embeddings = self.embed(sentence_features)
+        _columns(type(self).__name__, embeddings, guide_embeddings)
+        device = embeddings[0].device
+        guide_embeddings = [g.to(device) for g in guide_embeddings]
+        return gist_loss(
+            embeddings[0],
+            embeddings[1],
+            guide_embeddings[0],
+            guide_embeddings[1],
+            embeddings[2:] or None,
+            guide_embeddings[2:] or None,
+            temperature=self.temperature,
+            margin_strategy=self.margin_strategy,
+            margin=self.margin,
+            contrast_anchors=self.contrast_anchors,
+            contrast_positives=self.contrast_positives,
+            gather_across_devices=self.gather_across_devices,
+            backend=self.backend,
+        )
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {**super().get_config_dict(), "backend": self.backend}
+
+    @property
+    def citation(self) -> str:
+        return GIST_CITATION
+
+
+class CachedGISTEmbedLoss(_STCachedGISTEmbedLoss):
+    def __init__(
+        self,
+        model,
+        guide,
+        temperature: float = 0.01,
+        mini_batch_size: int = 32,
+        mini_batch_num_tokens: int | None = None,
+        show_progress_bar: bool = False,
+        margin_strategy: Literal["absolute", "relative"] = "absolute",
+        margin: float = 0.0,
+        contrast_anchors: bool = True,
+        contrast_positives: bool = True,
+        gather_across_devices: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        """sentence-transformers' ``CachedGISTEmbedLoss``, with the loss computed by `gist_fast.gist_loss`.
+
+        GISTEmbed (a guide model filters in-batch false negatives, see :class:`GISTEmbedLoss`) with
+        Gradient Cache: (1) every column is embedded in mini-batches without gradient, student and
+        guide, saving each mini-batch's RNG state; (2) the loss over the whole batch and its
+        gradient with respect to the embeddings are computed; (3) in the backward pass each
+        mini-batch is embedded again with gradient, replaying its RNG state, and the cached
+        gradient is back-propagated. Steps (1) and (3) are sentence-transformers' own; step (2) is
+        one call of `gist_fast.gist_loss` over the whole batch, memory linear in it, instead of
+        sentence-transformers' per-mini-batch B x N x d broadcasts.
+
+        Args:
+            model: SentenceTransformer model to train.
+            guide: SentenceTransformer model that guides the in-batch negative selection (frozen).
+            temperature: cosine similarities are divided by this. Defaults to 0.01.
+            mini_batch_size: rows per embedding mini-batch in steps (1) and (3): the larger, the
+                faster and the more memory. Defaults to 32. (The loss itself needs no mini-batches.)
+            mini_batch_num_tokens: if set, pack the embedding mini-batches by non-padding token count
+                instead of by ``mini_batch_size`` rows (sentence-transformers >= 6).
+            show_progress_bar: show a progress bar over the mini-batches. Defaults to False.
+            margin_strategy: ``"absolute"`` or ``"relative"`` (see :class:`GISTEmbedLoss`).
+            margin: the margin of the false-negative filter. Defaults to 0.0.
+            contrast_anchors: add the anchor-anchor similarities. Defaults to True.
+            contrast_positives: add the positive-positive similarities. Defaults to True.
+            gather_across_devices: all-gather the candidates and their guide embeddings over
+                torch.distributed, with gradient (see `gist_fast.gist_loss`).
+            backend: the `gist_fast.gist_loss` backend (``"auto"``, ``"torch"``, ``"reference"``, ...).
+
+        References:
+            - GISTEmbed: https://arxiv.org/abs/2402.16829
+            - Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup (GradCache):
+              https://arxiv.org/abs/2101.06983
+
+        Requirements:
+            1. (anchor, positive) pairs or (anchor, positive, negative_1, ..., negative_n)
+            2. Large batch sizes, which is what it is for.
+
+        Inputs:
+            +-------------------------------------------------+--------+
+            | Inputs                                          | Labels |
+            +=================================================+========+
+            | (anchor, positive) pairs                        | none   |
+            +-------------------------------------------------+--------+
+            | (anchor, positive, negative) triplets           | none   |
+            +-------------------------------------------------+--------+
+            | (anchor, positive, negative_1, ..., negative_n) | none   |
+            +-------------------------------------------------+--------+
+
+        Relations:
+            - Same loss as :class:`GISTEmbedLoss`, with caching that allows much larger batches.
+
+        Example:
+            ::
+
+                from datasets import Dataset
+                from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+
+                from gist_fast.integrations.sentence_transformers import CachedGISTEmbedLoss
+
+                model = SentenceTransformer("microsoft/mpnet-base")
+                guide = SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2")
+                train_dataset = Dataset.from_dict({
+                    "anchor": ["It's nice weather outside today.", "He drove to work."],
+                    "positive": ["It's so sunny.", "He took the car to the office."],
+                })
+                loss = CachedGISTEmbedLoss(model, guide, mini_batch_size=64, margin=0.1)
+
+                trainer = SentenceTransformerTrainer(model=model, train_dataset=train_dataset, loss=loss)
+                trainer.train()
+        """
+        kwargs = {}
+        if _HAS_MINI_BATCH_NUM_TOKENS:
+            kwargs["mini_batch_num_tokens"] = mini_batch_num_tokens
+        elif mini_batch_num_tokens is not None:  # pragma: no cover - sentence-transformers < 6
+            raise ValueError("mini_batch_num_tokens needs sentence-transformers >= 6; leave it at None")
+        super().__init__(
+            model,
+            guide,
+            temperature=temperature,
+            mini_batch_size=mini_batch_size,
+            show_progress_bar=show_progress_bar,
+            margin_strategy=margin_strategy,
+            margin=margin,
+            contrast_anchors=contrast_anchors,
+            contrast_positives=contrast_positives,
+            gather_across_devices=gather_across_devices,
+            **kwargs,
+        )
+        self.backend = _check_backend(backend)
+
+    def calculate_loss(
+        self, reps: list[list[Tensor]], reps_guided: list[list[Tensor]], *, with_backward: bool = False
+    ) -> Tensor:
+        """The loss over the whole batch from per-mini-batch embeddings (one list per column).
+
+        With ``with_backward``, back-propagate it to the embeddings (filling their ``.grad``, the
+        gradient cache) and return it detached, as sentence-transformers' ``calculate_loss`` does.
+        """
+        _columns(type(self).__name__, reps, reps_guided)
+        columns = [torch.cat(r) for r in reps]
+        device = columns[0].device
+        guide_columns = [torch.cat(r).to(device) for r in reps_guided]
+        loss = gist_loss(
+            columns[0],
+            columns[1],
+            guide_columns[0],
+            guide_columns[1],
+            columns[2:] or None,
+            guide_columns[2:] or None,
+            temperature=self.temperature,
+            margin_strategy=self.margin_strategy,
+            margin=self.margin,
+            contrast_anchors=self.contrast_anchors,
+            contrast_positives=self.contrast_positives,
+            gather_across_devices=self.gather_across_devices,
+            backend=self.backend,
+        )
+        if with_backward:
+            loss.backward()
+            loss = loss.detach()
+        return loss
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {**super().get_config_dict(), "backend": self.backend}
+
+    @property
+    def citation(self) -> str:
+        return GIST_CITATION + GRADCACHE_CITATION
