@@ -12,7 +12,9 @@ except ImportError:  # pragma: no cover
 if not _has_cuda:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# `problems` (test helpers) and `benchmarks.st_injection` (the sentence-transformers oracle).
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from problems import SESSION_SEED  # noqa: E402
 
