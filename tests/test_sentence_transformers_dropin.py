@@ -204,6 +204,7 @@ def test_inside_matryoshka_loss(models, cached):
 
 
 def test_eval_mode_loss_without_grad(models):
+    """Evaluation (no grad): the cached loss skips its backward pass and hook."""
     student, guide = models["student"], models["guide"]
     texts = make_texts(3, 5, SESSION_SEED + 40)
     with torch.no_grad():
@@ -211,9 +212,10 @@ def test_eval_mode_loss_without_grad(models):
             (gf.GISTEmbedLoss, st_losses.GISTEmbedLoss),
             (gf.CachedGISTEmbedLoss, st_losses.CachedGISTEmbedLoss),
         ]:
-            ours = ours_cls(student, guide)(features(student, texts), None)
-            theirs = theirs_cls(student, guide)(features(student, texts), None)
-            torch.testing.assert_close(ours, theirs, rtol=RTOL, atol=0)
+            ours = ours_cls(student, guide, temperature=0.05)(features(student, texts), None)
+            theirs = theirs_cls(student, guide, temperature=0.05)(features(student, texts), None)
+            assert not ours.requires_grad
+            torch.testing.assert_close(ours, theirs, rtol=RTOL, atol=1e-11)
 
 
 def test_constructor_config_and_citation(models):
