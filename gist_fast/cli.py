@@ -40,6 +40,7 @@ _TRAIN_FLAGS: list[tuple[str, Any, str]] = [
     ("margin", float, "margin of the guide's false-negative filter (default 0)"),
     ("loss-backend", str, "gist_loss backend (default auto)"),
     ("device", str, "auto, cpu, cuda, cuda:1 ... (default auto)"),
+    ("threads", int, "CPU threads for torch (default: torch's choice; 1 can be faster on a busy machine)"),
     ("bf16", str, "bf16 autocast: auto (on CUDA), on, off"),
     ("save-steps", int, "checkpoint every N steps, 0: only on Ctrl-C (default 50)"),
     ("save-total-limit", int, "checkpoints kept (default 2)"),

@@ -33,7 +33,8 @@ class TrainConfig:
 
     Loss: temperature, margin_strategy, margin, contrast_anchors, contrast_positives, loss_backend.
 
-    Machinery: device ("auto": CUDA when available), bf16 ("auto": on CUDA), gradient_checkpointing,
+    Machinery: device ("auto": CUDA when available), threads (torch CPU threads; None: its default),
+        bf16 ("auto": on CUDA), gradient_checkpointing,
         save_steps (checkpoint every N steps; 0: only on interrupt), save_total_limit, resume,
         cache_dir (None: ``output/cache``), eval_batch_size, guide_batch_size, eval_guide (also
         score the guide), progress (tqdm bars).
@@ -72,6 +73,7 @@ class TrainConfig:
     loss_backend: str = "auto"
 
     device: str = "auto"
+    threads: int | None = None
     bf16: str = "auto"
     gradient_checkpointing: bool = False
     save_steps: int = 50

@@ -11,8 +11,8 @@ from pathlib import Path
 # Flags given on the command line (or in --config) still win over these.
 DEFAULT_RUN = {
     "epochs": 2,
-    "max_train_rows": 1536,
-    "batch_size": 128,
+    "max_train_rows": 1024,
+    "batch_size": 64,
     "mini_batch_size": 64,
     "max_seq_length": 64,
     "guide_max_seq_length": 64,

@@ -164,6 +164,8 @@ class Trainer:
         """
         cfg = self.config
         self.output.mkdir(parents=True, exist_ok=True)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
         student_src, guide_src, train_src, eval_src = self._prepare_defaults()
         train = self._load_data(train_src, "train", cfg.max_train_rows)
