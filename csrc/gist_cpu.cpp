@@ -1,0 +1,463 @@
+// gist-fast: the GIST loss on the CPU, both passes of DESIGN.md section 3 in native code.
+//
+// Pass 1 (forward) walks row tiles, one task per tile, tasks spread over OpenMP threads. For every
+// column tile of every block it forms the student tile S = R_s C_s^T and the guide tile
+// Gd = R_g C_g^T with two matmuls, then ONE fused sweep per row masks, takes the tile maximum and
+// turns the kept logits into exp weights relative to the running shift (online logsumexp), and a
+// third matmul adds the weighted columns to the row-side accumulator E (flash-attention style).
+//
+// Pass 2 (backward) walks column tiles: a task owns a column range of one student input and
+// visits every block whose columns come from that input, so each gradient row is written by one
+// task only: no atomics, and the result does not depend on the thread count or the schedule.
+//
+// Everything is computed in the inputs' dtype (float32 or float64; the Python glue upcasts half
+// inputs). Row vectors are normalised once into contiguous copies: memory stays linear in B.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <exception>
+#include <limits>
+#include <mutex>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+// The elementwise sweeps are compiled for AVX-512, AVX2+FMA and the baseline and chosen at load
+// time, so one build runs everywhere and still uses the wide vectors of the machine it runs on.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define GIST_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define GIST_CLONES
+#endif
+
+#define GIST_INLINE inline __attribute__((always_inline))
+
+namespace {
+
+constexpr double kNormEps = 1e-8;  // x / max(||x||, eps), as DESIGN.md section 1
+
+// ---------------------------------------------------------------------------------------------
+// exp that vectorises: Cody-Waite range reduction, a degree-6 polynomial (Cephes expf) and the
+// exponent built from the rounded multiple of ln 2 with integer ops. Arguments below ~-87.3 give
+// 0 (the flush only drops weights below 1e-38 of the row maximum), -inf gives 0.
+
+GIST_INLINE float exp_approx(float x) {
+  const float hi = 88.3762626647949f, lo = -87.3365447504f;
+  const float xc = std::min(std::max(x, lo), hi);
+  // Round x / ln2 to the nearest integer with the 1.5 * 2^23 trick; the low bits of t hold n.
+  const float t = xc * 1.44269504088896341f + 12582912.0f;
+  const float n = t - 12582912.0f;
+  int32_t ti;
+  std::memcpy(&ti, &t, sizeof ti);
+  const int32_t ni = ti - 0x4B400000;
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (ni + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  const float e = p * scale;
+  return x < lo ? 0.0f : e;
+}
+
+// float64 is the precision path (tests, fp64 training): the libm exp, exact to an ulp.
+GIST_INLINE double exp_approx(double x) { return std::exp(x); }
+
+// ---------------------------------------------------------------------------------------------
+// The fused sweeps over one row of a tile. `s` and `g` are the student and guide cosines of the
+// row against the tile's columns; a column is masked when g > thr (strict: ties are kept). The
+// never-masked target column is patched by the caller, outside the vector loop.
+
+// w_j = s_j / tau, or -inf where masked; returns max_j w_j (-inf when every entry is masked).
+#define GIST_DEFINE_MASK_MAX(T)                                                                   \
+  GIST_CLONES T mask_row_max(const T* __restrict s, const T* __restrict g, T* __restrict w,      \
+                             int64_t n, T thr, T inv_tau) {                                       \
+    const T ninf = -std::numeric_limits<T>::infinity();                                           \
+    T mx = ninf;                                                                                  \
+    _Pragma("omp simd reduction(max : mx)") for (int64_t j = 0; j < n; ++j) {                    \
+      const T z = g[j] > thr ? ninf : s[j] * inv_tau;                                             \
+      w[j] = z;                                                                                   \
+      mx = std::max(mx, z);                                                                       \
+    }                                                                                             \
+    return mx;                                                                                    \
+  }
+
+// w_j = exp(w_j - shift) in place; returns the sum.
+#define GIST_DEFINE_EXP_SUM(T)                                                                    \
+  GIST_CLONES T exp_row_sum(T* __restrict w, int64_t n, T shift) {                               \
+    T sum = 0;                                                                                    \
+    _Pragma("omp simd reduction(+ : sum)") for (int64_t j = 0; j < n; ++j) {                     \
+      const T e = exp_approx(w[j] - shift);                                                       \
+      w[j] = e;                                                                                   \
+      sum += e;                                                                                   \
+    }                                                                                             \
+    return sum;                                                                                   \
+  }
+
+// Pass 2: out_j = exp(s_j / tau - lse) * scale, 0 where masked (the softmax times the row weight).
+#define GIST_DEFINE_PROB(T)                                                                       \
+  GIST_CLONES void prob_row(const T* __restrict s, const T* __restrict g, T* __restrict out,     \
+                            int64_t n, T thr, T inv_tau, T lse, T scale) {                        \
+    _Pragma("omp simd") for (int64_t j = 0; j < n; ++j) {                                         \
+      const T e = exp_approx(s[j] * inv_tau - lse) * scale;                                       \
+      out[j] = g[j] > thr ? T(0) : e;                                                             \
+    }                                                                                             \
+  }
+
+GIST_DEFINE_MASK_MAX(float)
+GIST_DEFINE_MASK_MAX(double)
+GIST_DEFINE_EXP_SUM(float)
+GIST_DEFINE_EXP_SUM(double)
+GIST_DEFINE_PROB(float)
+GIST_DEFINE_PROB(double)
+
+// ---------------------------------------------------------------------------------------------
+// Problem description.
+
+constexpr int kAnchor = 0, kPositive = 1;  // student/guide inputs: 0 anchor, 1 positive, 2+m negative m
+
+struct Block {
+  int row_input;  // kAnchor, or kPositive for PP (rows o..o+B of the positives)
+  int col_input;
+  bool is_target;  // AP: column o + i of row i is the never-masked target
+};
+
+struct Options {
+  double temperature;
+  bool relative;
+  double margin;
+  bool contrast_anchors;
+  bool contrast_positives;
+  int64_t offset;
+  int64_t tile_rows;
+  int64_t tile_cols;
+};
+
+struct Problem {
+  std::vector<at::Tensor> student;  // normalised, contiguous, compute dtype
+  std::vector<at::Tensor> guide;
+  std::vector<at::Tensor> inv_norm;  // 1 / max(||x||, eps) of the student rows
+  std::vector<at::Tensor> norm;      // ||x|| of the student rows
+  std::vector<Block> blocks;
+  int64_t batch = 0, candidates = 0, offset = 0;
+  at::ScalarType dtype;
+
+  // Rows r0 .. r0 + n of a block's row side (PP rows are shifted by the offset).
+  at::Tensor rows(const std::vector<at::Tensor>& side, int which, int64_t r0, int64_t n) const {
+    return side[which].narrow(0, r0 + (which == kPositive ? offset : 0), n);
+  }
+};
+
+at::ScalarType compute_dtype(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b) {
+  for (const auto* list : {&a, &b})
+    for (const auto& t : *list)
+      if (t.scalar_type() == at::kDouble) return at::kDouble;
+  return at::kFloat;
+}
+
+Problem prepare(const std::vector<at::Tensor>& student, const std::vector<at::Tensor>& guide, const Options& opt,
+                bool keep_norms) {
+  TORCH_CHECK(student.size() >= 2 && student.size() == guide.size(),
+              "gist_fast cpp: expected [anchor, positive, *negatives] for student and guide");
+  Problem pb;
+  pb.dtype = compute_dtype(student, guide);
+  pb.batch = student[0].size(0);
+  pb.candidates = student[1].size(0);
+  pb.offset = opt.offset;
+  auto normalise = [&](const at::Tensor& x, at::Tensor* norm_out, at::Tensor* inv_out) {
+    TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "gist_fast cpp: inputs must be 2-D CPU tensors");
+    at::Tensor xc = x.to(pb.dtype);
+    at::Tensor norm = xc.norm(2, {1});
+    at::Tensor inv = norm.clamp_min(kNormEps).reciprocal();
+    if (norm_out) *norm_out = norm;
+    if (inv_out) *inv_out = inv;
+    return (xc * inv.unsqueeze(1)).contiguous();
+  };
+  for (const auto& x : student) {
+    at::Tensor n, inv;
+    pb.student.push_back(normalise(x, &n, &inv));
+    if (keep_norms) {
+      pb.norm.push_back(n);
+      pb.inv_norm.push_back(inv);
+    }
+  }
+  for (const auto& x : guide) pb.guide.push_back(normalise(x, nullptr, nullptr));
+
+  pb.blocks.push_back({kAnchor, kPositive, true});
+  if (opt.contrast_anchors) pb.blocks.push_back({kAnchor, kAnchor, false});
+  if (opt.contrast_positives) pb.blocks.push_back({kPositive, kPositive, false});
+  for (int m = 2; m < static_cast<int>(student.size()); ++m) pb.blocks.push_back({kAnchor, m, false});
+  return pb;
+}
+
+// Runs f(task) for task in [0, n) over at::get_num_threads() OpenMP threads, dynamically scheduled
+// (tasks differ in cost and the machine may be shared). Each task writes only its own outputs, so
+// the result is the same whichever thread runs it. The first exception is rethrown.
+template <typename F>
+void parallel_tasks(int64_t n, const F& f) {
+  if (n <= 0) return;
+  std::exception_ptr error;
+  std::mutex error_lock;
+#ifdef _OPENMP
+  const int threads = static_cast<int>(std::min<int64_t>(n, at::get_num_threads()));
+  const bool nested = at::in_parallel_region();
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && !nested)
+#endif
+  for (int64_t task = 0; task < n; ++task) {
+    try {
+      at::NoGradGuard no_grad;
+      f(task);
+    } catch (...) {
+      std::lock_guard<std::mutex> guard(error_lock);
+      if (!error) error = std::current_exception();
+    }
+  }
+  if (error) std::rethrow_exception(error);
+}
+
+// A contiguous rows x cols view at the start of a scratch buffer.
+at::Tensor scratch(at::Tensor& buffer, int64_t rows, int64_t cols) {
+  return buffer.narrow(0, 0, rows * cols).view({rows, cols});
+}
+
+// thr_i from t_i = ĝa_i · ĝp_{o+i}, and the target logit z_{i,o+i} = â_i · p̂_{o+i} / tau.
+std::pair<at::Tensor, at::Tensor> thresholds(const Problem& pb, const Options& opt) {
+  const int64_t B = pb.batch;
+  at::Tensor t = (pb.guide[kAnchor] * pb.rows(pb.guide, kPositive, 0, B)).sum(1);
+  at::Tensor thr = opt.relative ? t - t.abs() * opt.margin : t - opt.margin;
+  at::Tensor target = (pb.student[kAnchor] * pb.rows(pb.student, kPositive, 0, B)).sum(1) / opt.temperature;
+  return {thr.contiguous(), target.contiguous()};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pass 1: lse_i and the softmax-weighted means E of the column vectors seen from the anchor rows
+// (e_anchor) and from the PP rows (e_positive).
+
+template <typename T>
+void row_pass(const Problem& pb, const Options& opt, const at::Tensor& thr, const at::Tensor& target_logit,
+              at::Tensor& lse, at::Tensor& e_anchor, at::Tensor& e_positive) {
+  const int64_t B = pb.batch, TM = opt.tile_rows, TN = opt.tile_cols;
+  const T inv_tau = static_cast<T>(1.0 / opt.temperature);
+  const T* thr_p = thr.data_ptr<T>();
+  const T* target_p = target_logit.data_ptr<T>();
+  T* lse_p = lse.data_ptr<T>();
+  const int64_t d = pb.student[0].size(1);
+  const int64_t tiles = (B + TM - 1) / TM;
+
+  parallel_tasks(tiles, [&](int64_t tile) {
+    const int64_t r0 = tile * TM, rn = std::min(TM, B - r0);
+    auto options = pb.student[0].options();
+    at::Tensor s_buf = at::empty({TM * TN}, options), g_buf = at::empty({TM * TN}, options);
+    std::vector<T> shift(target_p + r0, target_p + r0 + rn), total(rn, T(0));
+    at::Tensor acc[2] = {e_anchor.narrow(0, r0, rn), e_positive.defined() ? e_positive.narrow(0, r0, rn) : at::Tensor()};
+    for (auto& a : acc)
+      if (a.defined()) a.zero_();
+
+    for (const Block& blk : pb.blocks) {
+      at::Tensor rs = pb.rows(pb.student, blk.row_input, r0, rn);
+      at::Tensor rg = pb.rows(pb.guide, blk.row_input, r0, rn);
+      at::Tensor& a = acc[blk.row_input];
+      const int64_t ncols = pb.student[blk.col_input].size(0);
+      for (int64_t c0 = 0; c0 < ncols; c0 += TN) {
+        const int64_t cn = std::min(TN, ncols - c0);
+        at::Tensor cs = pb.student[blk.col_input].narrow(0, c0, cn);
+        at::Tensor cg = pb.guide[blk.col_input].narrow(0, c0, cn);
+        at::Tensor s = scratch(s_buf, rn, cn), g = scratch(g_buf, rn, cn);
+        at::mm_out(s, rs, cs.t());
+        at::mm_out(g, rg, cg.t());
+        T* s_p = s.data_ptr<T>();
+        const T* g_p = g.data_ptr<T>();
+        for (int64_t i = 0; i < rn; ++i) {
+          T* w = s_p + i * cn;
+          // Read the target's cosine before the sweep overwrites the row.
+          const int64_t jt = blk.is_target ? pb.offset + r0 + i - c0 : -1;
+          const bool has_target = jt >= 0 && jt < cn;
+          const T target_s = has_target ? w[jt] : T(0);
+          T mx = mask_row_max(w, g_p + i * cn, w, cn, thr_p[r0 + i], inv_tau);
+          if (has_target) {
+            w[jt] = target_s * inv_tau;
+            mx = std::max(mx, w[jt]);
+          }
+          // The shift starts at the (never-masked) target logit, so it is always finite.
+          if (mx > shift[i]) {
+            const T alpha = std::exp(shift[i] - mx);
+            total[i] *= alpha;
+            for (T* row : {acc[0].defined() ? acc[0].data_ptr<T>() : nullptr,
+                           acc[1].defined() ? acc[1].data_ptr<T>() : nullptr}) {
+              if (!row) continue;
+              T* r = row + i * d;
+              for (int64_t k = 0; k < d; ++k) r[k] *= alpha;
+            }
+            shift[i] = mx;
+          }
+          total[i] += exp_row_sum(w, cn, shift[i]);
+        }
+        a.addmm_(s, cs);
+      }
+    }
+    for (int64_t i = 0; i < rn; ++i) {
+      // The target is never masked, so total > 0 and lse is finite.
+      lse_p[r0 + i] = shift[i] + std::log(total[i]);
+      const T inv_total = T(1) / total[i];
+      for (auto& a : acc) {
+        if (!a.defined()) continue;
+        T* r = a.data_ptr<T>() + i * d;
+        for (int64_t k = 0; k < d; ++k) r[k] *= inv_total;
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pass 2: the column-side gradients dĉ_j += sum_i G_ij r̂_i with G_ij = (P_ij - [j target]) * scale_i.
+
+template <typename T>
+void column_pass(const Problem& pb, const Options& opt, const at::Tensor& lse, const at::Tensor& thr,
+                 const at::Tensor& scale, std::vector<at::Tensor>& grads) {
+  const int64_t B = pb.batch, TM = opt.tile_rows, TN = opt.tile_cols;
+  const T inv_tau = static_cast<T>(1.0 / opt.temperature);
+  const T* thr_p = thr.data_ptr<T>();
+  const T* lse_p = lse.data_ptr<T>();
+  const T* scale_p = scale.data_ptr<T>();
+
+  // A task is a column tile of one student input; it visits every block drawing columns from it.
+  struct Task {
+    int input;
+    int64_t c0, cn;
+  };
+  std::vector<Task> tasks;
+  for (int x = 0; x < static_cast<int>(pb.student.size()); ++x) {
+    bool used = false;
+    for (const Block& blk : pb.blocks) used = used || blk.col_input == x;
+    if (!used) continue;
+    const int64_t ncols = pb.student[x].size(0);
+    for (int64_t c0 = 0; c0 < ncols; c0 += TN) tasks.push_back({x, c0, std::min(TN, ncols - c0)});
+  }
+
+  parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t t) {
+    const Task task = tasks[t];
+    auto options = pb.student[0].options();
+    at::Tensor s_buf = at::empty({TM * TN}, options), g_buf = at::empty({TM * TN}, options);
+    at::Tensor cs = pb.student[task.input].narrow(0, task.c0, task.cn);
+    at::Tensor cg = pb.guide[task.input].narrow(0, task.c0, task.cn);
+    at::Tensor dc = grads[task.input].narrow(0, task.c0, task.cn);
+    for (const Block& blk : pb.blocks) {
+      if (blk.col_input != task.input) continue;
+      for (int64_t r0 = 0; r0 < B; r0 += TM) {
+        const int64_t rn = std::min(TM, B - r0);
+        at::Tensor rs = pb.rows(pb.student, blk.row_input, r0, rn);
+        at::Tensor rg = pb.rows(pb.guide, blk.row_input, r0, rn);
+        at::Tensor s = scratch(s_buf, rn, task.cn), g = scratch(g_buf, rn, task.cn);
+        at::mm_out(s, rs, cs.t());
+        at::mm_out(g, rg, cg.t());
+        T* s_p = s.data_ptr<T>();
+        const T* g_p = g.data_ptr<T>();
+        for (int64_t i = 0; i < rn; ++i) {
+          T* row = s_p + i * task.cn;
+          const int64_t jt = blk.is_target ? pb.offset + r0 + i - task.c0 : -1;
+          const bool has_target = jt >= 0 && jt < task.cn;
+          const T target_s = has_target ? row[jt] : T(0);
+          const T lse_i = lse_p[r0 + i], scale_i = scale_p[r0 + i];
+          prob_row(row, g_p + i * task.cn, row, task.cn, thr_p[r0 + i], inv_tau, lse_i, scale_i);
+          if (has_target) row[jt] = (std::exp(target_s * inv_tau - lse_i) - T(1)) * scale_i;
+        }
+        dc.addmm_(s.t(), rs);
+      }
+    }
+  });
+}
+
+// dx = (dx̂ - x̂ (x̂·dx̂)) / max(||x||, eps); below eps the norm is a constant and dx = dx̂ / eps.
+void through_normalisation(const Problem& pb, std::vector<at::Tensor>& grads) {
+  for (size_t x = 0; x < grads.size(); ++x) {
+    at::Tensor& g = grads[x];
+    at::Tensor radial = (pb.student[x] * g).sum(1, true);
+    radial.masked_fill_((pb.norm[x] < kNormEps).unsqueeze(1), 0.0);
+    g.sub_(pb.student[x] * radial).mul_(pb.inv_norm[x].unsqueeze(1));
+  }
+}
+
+Options make_options(double temperature, bool relative, double margin, bool contrast_anchors,
+                     bool contrast_positives, int64_t offset, int64_t tile_rows, int64_t tile_cols) {
+  TORCH_CHECK(tile_rows >= 1 && tile_cols >= 1, "gist_fast cpp: tile sizes must be >= 1");
+  TORCH_CHECK(temperature > 0, "gist_fast cpp: temperature must be > 0");
+  return {temperature, relative, margin, contrast_anchors, contrast_positives, offset, tile_rows, tile_cols};
+}
+
+}  // namespace
+
+// Forward: returns (losses (B,), lse (B,), thr (B,), e_anchor (B, d), e_positive (B, d) or empty).
+std::vector<at::Tensor> gist_forward(const std::vector<at::Tensor>& student, const std::vector<at::Tensor>& guide,
+                                     double temperature, bool relative, double margin, bool contrast_anchors,
+                                     bool contrast_positives, int64_t offset, int64_t tile_rows, int64_t tile_cols) {
+  at::NoGradGuard no_grad;
+  const Options opt = make_options(temperature, relative, margin, contrast_anchors, contrast_positives, offset,
+                                   tile_rows, tile_cols);
+  const Problem pb = prepare(student, guide, opt, false);
+  auto [thr, target_logit] = thresholds(pb, opt);
+  const int64_t B = pb.batch, d = pb.student[0].size(1);
+  auto options = pb.student[0].options();
+  at::Tensor lse = at::empty({B}, options);
+  at::Tensor e_anchor = at::empty({B, d}, options);
+  at::Tensor e_positive = contrast_positives ? at::empty({B, d}, options) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(pb.dtype, "gist_row_pass",
+                             [&] { row_pass<scalar_t>(pb, opt, thr, target_logit, lse, e_anchor, e_positive); });
+  at::Tensor losses = lse - target_logit;
+  return {losses, lse, thr, e_anchor, e_positive.defined() ? e_positive : at::empty({0}, options)};
+}
+
+// Backward: the gradient of sum_i w_i * loss_i w.r.t. every student input (compute dtype), where
+// `row_weight` holds w_i. With `consume`, the storage of e_anchor / e_positive is reused.
+std::vector<at::Tensor> gist_backward(const std::vector<at::Tensor>& student, const std::vector<at::Tensor>& guide,
+                                      const at::Tensor& lse, const at::Tensor& thr, at::Tensor e_anchor,
+                                      at::Tensor e_positive, const at::Tensor& row_weight, double temperature,
+                                      bool relative, double margin, bool contrast_anchors, bool contrast_positives,
+                                      int64_t offset, int64_t tile_rows, int64_t tile_cols, bool consume) {
+  at::NoGradGuard no_grad;
+  const Options opt = make_options(temperature, relative, margin, contrast_anchors, contrast_positives, offset,
+                                   tile_rows, tile_cols);
+  const Problem pb = prepare(student, guide, opt, true);
+  const int64_t B = pb.batch, o = pb.offset;
+  at::Tensor scale = (row_weight.to(pb.dtype) / temperature).contiguous();
+  at::Tensor scale_col = scale.unsqueeze(1);
+
+  // Row side: dâ_i = scale_i (E_a,i - p̂_{o+i}); dp̂_{o+i} = scale_i E_p,i; negatives 0.
+  std::vector<at::Tensor> grads;
+  at::Tensor da = consume ? e_anchor : e_anchor.clone();
+  da.sub_(pb.rows(pb.student, kPositive, 0, B)).mul_(scale_col);
+  grads.push_back(da);
+  at::Tensor dp;
+  if (e_positive.numel() > 0 && pb.candidates == B && consume) {
+    dp = e_positive.mul_(scale_col);
+  } else {
+    dp = at::zeros_like(pb.student[kPositive]);
+    if (e_positive.numel() > 0) dp.narrow(0, o, B).addcmul_(e_positive, scale_col);
+  }
+  grads.push_back(dp);
+  for (size_t m = 2; m < pb.student.size(); ++m) grads.push_back(at::zeros_like(pb.student[m]));
+
+  AT_DISPATCH_FLOATING_TYPES(pb.dtype, "gist_column_pass",
+                             [&] { column_pass<scalar_t>(pb, opt, lse, thr, scale, grads); });
+  through_normalisation(pb, grads);
+  return grads;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "gist-fast: fused two-pass GIST loss on the CPU (float32 / float64)";
+  m.def("forward", &gist_forward, "Pass 1: per-row losses, lse, thresholds and row-side means");
+  m.def("backward", &gist_backward, "Row-side and column-side (pass 2) gradients w.r.t. the student inputs");
+}

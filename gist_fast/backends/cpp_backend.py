@@ -1,0 +1,203 @@
+"""The native C++ CPU backend: the two-pass plan of DESIGN.md section 3 in one fused kernel.
+
+The kernel lives in ``csrc/gist_cpu.cpp`` and is compiled on first use with ninja through
+``torch.utils.cpp_extension.load`` (about a minute, once per torch / Python version: the build is
+cached under ``$TORCH_EXTENSIONS_DIR/gist_fast`` or ``~/.cache/gist_fast/torch_extensions``). Per
+(row tile, column tile) it runs the student and guide dots as matmuls, then one fused sweep per
+row that masks, updates the online logsumexp and forms the exp weights; row tiles (pass 1) and
+column tiles (pass 2) are spread over OpenMP threads without atomics, so results are deterministic.
+
+The autograd glue mirrors the tiled torch backend: for ``reduction="mean"``/``"sum"`` the forward
+call computes loss and gradients and backward scales them; for ``"none"`` pass 2 runs in backward
+with the per-row incoming weights. Half-precision inputs are upcast to float32 here (float64 when
+any input is float64) and the gradients are returned in each input's dtype.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..inputs import GISTInputs, GISTOptions
+from .torch_tiled import DOUBLE_BACKWARD_ERROR
+
+TILE_ROWS = 128
+TILE_COLS = 512
+
+_SOURCES = ("gist_cpu.cpp",)
+_EXTENSION = None
+_LOCK = threading.Lock()
+
+
+def source_dir() -> Path:
+    """Where csrc/ is: inside the installed package (wheel), else at the root of a source checkout."""
+    package = Path(__file__).resolve().parents[1]
+    for candidate in (package / "csrc", package.parent / "csrc"):
+        if all((candidate / name).is_file() for name in _SOURCES):
+            return candidate
+    raise RuntimeError(
+        f"gist_fast backend='cpp': the C++ sources {_SOURCES} were found neither in {package / 'csrc'} "
+        f"nor in {package.parent / 'csrc'}; reinstall gist-fast or use backend='torch'"
+    )
+
+
+def build_directory() -> Path:
+    """A cache directory per torch / Python version and source contents."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    base = Path(root) / "gist_fast" if root else Path.home() / ".cache" / "gist_fast" / "torch_extensions"
+    digest = hashlib.sha256()
+    for name in _SOURCES:
+        digest.update((source_dir() / name).read_bytes())
+    tag = f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{digest.hexdigest()[:12]}"
+    return base / tag.replace("+", "_")
+
+
+def _ensure_toolchain() -> None:
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(
+            f"gist_fast backend='cpp' compiles a C++ extension on first use, but no C++ compiler ({compiler!r}) "
+            "was found on PATH: install g++ (e.g. `apt-get install g++`) or set CXX, or use backend='torch'"
+        )
+    if shutil.which("ninja") is None:
+        try:  # the `ninja` pip package puts its binary beside the interpreter, maybe not on PATH
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass
+    if shutil.which("ninja") is None:
+        raise RuntimeError(
+            "gist_fast backend='cpp' builds its C++ extension with ninja, which was not found: "
+            "`pip install ninja`, or use backend='torch'"
+        )
+
+
+def load_extension():
+    """Compile (first call only, cached on disk) and import the C++ extension."""
+    global _EXTENSION
+    if _EXTENSION is not None:
+        return _EXTENSION
+    with _LOCK:
+        if _EXTENSION is None:
+            _ensure_toolchain()
+            from torch.utils import cpp_extension
+
+            directory = build_directory()
+            directory.mkdir(parents=True, exist_ok=True)
+            sources = [str(source_dir() / name) for name in _SOURCES]
+            try:
+                _EXTENSION = cpp_extension.load(
+                    name="gist_fast_cpu",
+                    sources=sources,
+                    extra_cflags=["-O3", "-fopenmp", "-fno-math-errno"],
+                    extra_ldflags=["-fopenmp"],
+                    build_directory=str(directory),
+                    verbose=os.environ.get("GIST_FAST_VERBOSE_BUILD", "") == "1",
+                )
+            except Exception as error:
+                raise RuntimeError(
+                    f"gist_fast backend='cpp': building the C++ extension in {directory} failed ({error}); "
+                    "set GIST_FAST_VERBOSE_BUILD=1 to see the compiler output, or use backend='torch'"
+                ) from error
+    return _EXTENSION
+
+
+def _compute_dtype(tensors) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _option_args(options: GISTOptions, tiles: tuple[int, int]) -> tuple:
+    return (
+        options.temperature,
+        options.margin_strategy == "relative",
+        options.margin,
+        options.contrast_anchors,
+        options.contrast_positives,
+        options.offset,
+        *tiles,
+    )
+
+
+class _GISTCppFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, options: GISTOptions, num_negatives: int, tiles: tuple[int, int], *tensors: Tensor):
+        ext = load_extension()
+        k = num_negatives
+        dtype = _compute_dtype(tensors)
+        cast = [t.detach().to(dtype) for t in tensors]
+        student, guide = cast[: 2 + k], cast[2 + k :]
+        args = _option_args(options, tiles)
+        losses, lse, threshold, e_a, e_p = ext.forward(student, guide, *args)
+        B = losses.shape[0]
+        if options.reduction == "none":
+            loss = losses
+        else:
+            loss = losses.sum() / B if options.reduction == "mean" else losses.sum()
+
+        ctx.options, ctx.k, ctx.tiles = options, k, tiles
+        ctx.dtypes = [t.dtype for t in tensors[: 2 + k]]
+        if not any(ctx.needs_input_grad[3 : 5 + k]):
+            return loss
+        if options.reduction == "none":
+            # Per-row incoming weights are unknown until backward: keep what pass 2 needs.
+            ctx.save_for_backward(lse, threshold, e_a, e_p, *cast)
+            ctx.deferred = True
+        else:
+            weight = torch.full((B,), 1.0 / B if options.reduction == "mean" else 1.0, dtype=dtype)
+            grads = ext.backward(student, guide, lse, threshold, e_a, e_p, weight, *args, True)
+            del e_a, e_p
+            ctx.save_for_backward(*[g.to(t) for g, t in zip(grads, ctx.dtypes, strict=True)])
+            ctx.deferred = False
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        if torch.is_grad_enabled():
+            raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+        k = ctx.k
+        n_student = 2 + k
+        if not any(ctx.needs_input_grad[3 : 5 + k]):
+            return (None,) * (3 + 2 * n_student)
+        if ctx.deferred:
+            lse, threshold, e_a, e_p, *cast = ctx.saved_tensors
+            ext = load_extension()
+            weight = grad_out.detach().to(lse.dtype).contiguous()
+            args = _option_args(ctx.options, ctx.tiles)
+            # consume=False: saved tensors stay intact (retain_graph may call backward again).
+            grads = ext.backward(cast[:n_student], cast[n_student:], lse, threshold, e_a, e_p, weight, *args, False)
+            grads = [g.to(t) for g, t in zip(grads, ctx.dtypes, strict=True)]
+        else:
+            grads = list(ctx.saved_tensors)
+            # loss.backward() sends exactly 1: hand the saved gradients over without a copy.
+            if not bool((grad_out == 1).all()):
+                grads = [g * grad_out.to(g.dtype) for g in grads]
+        student = [g if ctx.needs_input_grad[3 + i] else None for i, g in enumerate(grads)]
+        return (None, None, None, *student, *([None] * n_student))
+
+
+def gist_loss_cpp(
+    inputs: GISTInputs, options: GISTOptions, *, tile_rows: int = TILE_ROWS, tile_cols: int = TILE_COLS
+) -> Tensor:
+    """GIST loss by the native CPU kernel; memory linear in B.
+
+    `tile_rows` x `tile_cols` is the logit tile each thread holds (twice: student and guide).
+    """
+    if inputs.anchor.device.type != "cpu":
+        raise ValueError(f"backend='cpp' runs on the CPU; the inputs are on {inputs.anchor.device}")
+    if tile_rows < 1 or tile_cols < 1:
+        raise ValueError(f"tile sizes must be >= 1; got tile_rows={tile_rows}, tile_cols={tile_cols}")
+    return _GISTCppFunction.apply(
+        options,
+        len(inputs.negatives),
+        (tile_rows, tile_cols),
+        *inputs.student_tensors,
+        *inputs.guide_tensors,
+    )
