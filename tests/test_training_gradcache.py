@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from gist_fast import gist_loss
+from gist_fast.training.encoders import enable_checkpointing
 from gist_fast.training.gradcache import LossOptions, NonFiniteLossError, RandContext, gradcache_step
 from gist_fast.training.testing import make_tiny_encoder
 
@@ -131,3 +132,18 @@ def test_nonfinite_loss_raises_before_backward(tmp_path):
     with pytest.raises((NonFiniteLossError, ValueError)):
         gradcache_step(enc, columns, [bad, _guide(4, 8, 1)], mini_batch_size=2)
     assert all(p.grad is None for p in enc.parameters())
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
+    columns = [_texts(9, 0), _texts(9, 1)]
+    guide_cols = [_guide(9, 16, 2), _guide(9, 16, 3)]
+    grads = []
+    for checkpointing in (False, True):
+        enc = make_tiny_encoder(tmp_path, dropout=0.0)
+        enc.train()
+        if checkpointing:
+            enable_checkpointing(enc.model)
+        gradcache_step(enc, columns, guide_cols, mini_batch_size=4)
+        grads.append([p.grad.clone() for p in enc.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)

@@ -220,6 +220,14 @@ class Encoder(nn.Module):
         )
 
 
+def enable_checkpointing(model: nn.Module) -> None:
+    """Recompute each layer's activations in backward instead of storing them (non-reentrant)."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """``torch.autocast`` for ``dtype`` on ``device``, or a no-op context when ``dtype`` is None."""
     import contextlib

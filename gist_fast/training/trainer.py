@@ -17,7 +17,7 @@ import torch
 from .checkpoint import latest_checkpoint, load_state, prune_checkpoints, save_checkpoint
 from .config import TrainConfig
 from .data import BatchSchedule, NoDuplicatesBatches, PairData, load_pairs
-from .encoders import Encoder, load_encoder
+from .encoders import Encoder, enable_checkpointing, load_encoder
 from .evaluation import evaluate, format_metrics
 from .gradcache import LossOptions, NonFiniteLossError, gradcache_step
 from .guide_cache import load_or_compute_guide
@@ -166,6 +166,10 @@ class Trainer:
         self.output.mkdir(parents=True, exist_ok=True)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        elif self.device.type == "cpu" and hasattr(os, "getloadavg") and os.getloadavg()[0] >= (os.cpu_count() or 1):
+            # every core is already busy: more threads than free cores slow each matmul down (2-3x seen)
+            torch.set_num_threads(1)
+            self._say(f"the CPU is busy (load {os.getloadavg()[0]:.1f}): using 1 thread (set --threads to override)")
         torch.manual_seed(cfg.seed)
         student_src, guide_src, train_src, eval_src = self._prepare_defaults()
         train = self._load_data(train_src, "train", cfg.max_train_rows)
@@ -180,7 +184,7 @@ class Trainer:
         )
         self.student = student
         if cfg.gradient_checkpointing:
-            student.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(student.model)
 
         guide = load_encoder(guide_src, max_seq_length=cfg.guide_max_seq_length, device=self.device)
         guide.eval().requires_grad_(False)
