@@ -135,6 +135,11 @@ def test_final_model_is_the_trained_student_and_evaluates(tmp_path, models):
     trainer.student.eval()
     torch.testing.assert_close(again.encode(texts), trainer.student.encode(texts), rtol=1e-5, atol=1e-6)
     assert json.loads((tmp_path / "ev" / "results.json").read_text())["after"] == results["after"]
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(tmp_path / "ev"), device="cpu")
+    got = torch.as_tensor(st.encode(texts, convert_to_numpy=True))
+    torch.testing.assert_close(got, trainer.student.encode(texts), rtol=1e-5, atol=1e-6)
 
 
 def test_guide_cache_is_computed_once_and_keyed(tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -90,13 +91,13 @@ class TokenizedPool:
         width = max(len(self.input_ids[i]) for i in idx)
 
         def pad(rows: list[list[int]], value: int) -> Tensor:
-            out = torch.full((len(rows), width), value, dtype=torch.long)
+            out = np.full((len(rows), width), value, dtype=np.int64)
             for r, row in enumerate(rows):
                 if self.padding_side == "left":
-                    out[r, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+                    out[r, width - len(row) :] = row
                 else:
-                    out[r, : len(row)] = torch.tensor(row, dtype=torch.long)
-            return out
+                    out[r, : len(row)] = row
+            return torch.from_numpy(out)
 
         ids = [self.input_ids[i] for i in idx]
         feats = {"input_ids": pad(ids, self.pad_id), "attention_mask": pad([[1] * len(r) for r in ids], 0)}
@@ -168,11 +169,12 @@ def gradcache_step(
     # (1) embeddings of every text, no grad, RNG state saved per mini-batch
     reps = torch.empty(len(texts), encoder.dim, dtype=torch.float32, device=device)
     states: list[RandContext] = []
+    features = [pool.features(c) for c in range(len(pool.chunks))]  # padded once, used by both passes
     with torch.no_grad():
-        for c, idx in enumerate(pool.chunks):
+        for idx, feats in zip(pool.chunks, features, strict=True):
             states.append(RandContext(device))
             with autocast(device, autocast_dtype):
-                reps[idx.to(device)] = encoder(pool.features(c)).float()
+                reps[idx.to(device)] = encoder(feats).float()
 
     # (2) the loss on the whole batch and its gradient with respect to the embeddings
     reps.requires_grad_(True)
@@ -185,8 +187,8 @@ def gradcache_step(
     (grad,) = torch.autograd.grad(loss, reps)
 
     # (3) re-encode with grad, replaying the RNG state, and push the cached gradients through
-    for c, (idx, state) in enumerate(zip(pool.chunks, states, strict=True)):
+    for idx, feats, state in zip(pool.chunks, features, states, strict=True):
         with state, autocast(device, autocast_dtype):
-            emb = encoder(pool.features(c))
+            emb = encoder(feats)
         emb.float().backward(grad[idx.to(device)])
     return loss.detach()

@@ -198,6 +198,7 @@ class Trainer:
             progress=cfg.progress,
         )
         log = MetricsLog(self.output / "metrics.jsonl")
+        log.write(event="start", resume_from=str(resume_from) if resume_from else None, config=cfg.to_dict())
         try:
             if held is not None and resume_from is None:
                 if cfg.eval_guide:
