@@ -149,7 +149,7 @@ def gradcache_step(
         NonFiniteLossError when the loss is NaN or Inf (before any gradient reaches the encoder).
 
     Example:
-        >>> cols = [anchors, positives]
+        >>> cols = [anchors, positives]  # doctest: +SKIP
         >>> loss = gradcache_step(student, cols, table.batch(rows), mini_batch_size=32)  # doctest: +SKIP
         >>> optimizer.step()  # doctest: +SKIP
     """

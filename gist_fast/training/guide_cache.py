@@ -95,7 +95,7 @@ def load_or_compute_guide(
 
     Example:
         >>> table = load_or_compute_guide(guide, data, "runs/cache")  # doctest: +SKIP
-        >>> ga, gp = table.batch([0, 1, 2])  # (3, dg) each
+        >>> ga, gp = table.batch([0, 1, 2])  # doctest: +SKIP
     """
     max_length = int(max_length or guide.max_seq_length)
     cache_dir = Path(cache_dir)

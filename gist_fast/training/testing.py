@@ -111,7 +111,8 @@ def make_tiny_encoder(
     """A randomly initialised BERT encoder with ``layers`` layers of width ``hidden_size``.
 
     Example:
-        >>> enc = make_tiny_encoder("/tmp/tiny")  # doctest: +SKIP
+        >>> import tempfile
+        >>> enc = make_tiny_encoder(tempfile.mkdtemp())
         >>> enc.encode(["hello world"]).shape
         torch.Size([1, 32])
     """
