@@ -80,11 +80,12 @@ GIST_INLINE double exp_approx(double x) { return std::exp(x); }
 // ---------------------------------------------------------------------------------------------
 // The fused sweeps over one row of a tile. `s` and `g` are the student and guide cosines of the
 // row against the tile's columns; a column is masked when g > thr (strict: ties are kept). The
-// never-masked target column is patched by the caller, outside the vector loop.
+// never-masked target column is patched by the caller, outside the vector loop. The output may be
+// the student row itself (each j reads s_j before writing w_j; `omp simd` vouches for that).
 
 // w_j = s_j / tau, or -inf where masked; returns max_j w_j (-inf when every entry is masked).
 #define GIST_DEFINE_MASK_MAX(T)                                                                   \
-  GIST_CLONES T mask_row_max(const T* __restrict s, const T* __restrict g, T* __restrict w,      \
+  GIST_CLONES T mask_row_max(const T* s, const T* __restrict g, T* w,      \
                              int64_t n, T thr, T inv_tau) {                                       \
     const T ninf = -std::numeric_limits<T>::infinity();                                           \
     T mx = ninf;                                                                                  \
@@ -110,7 +111,7 @@ GIST_INLINE double exp_approx(double x) { return std::exp(x); }
 
 // Pass 2: out_j = exp(s_j / tau - lse) * scale, 0 where masked (the softmax times the row weight).
 #define GIST_DEFINE_PROB(T)                                                                       \
-  GIST_CLONES void prob_row(const T* __restrict s, const T* __restrict g, T* __restrict out,     \
+  GIST_CLONES void prob_row(const T* s, const T* __restrict g, T* out,     \
                             int64_t n, T thr, T inv_tau, T lse, T scale) {                        \
     _Pragma("omp simd") for (int64_t j = 0; j < n; ++j) {                                         \
       const T e = exp_approx(s[j] * inv_tau - lse) * scale;                                       \
@@ -124,6 +125,28 @@ GIST_DEFINE_EXP_SUM(float)
 GIST_DEFINE_EXP_SUM(double)
 GIST_DEFINE_PROB(float)
 GIST_DEFINE_PROB(double)
+
+// The guide mask of one row of a tile as bits (1 = masked) at columns c0 .. c0 + n of the row's
+// words, and back as 0/1 values (so that prob_row with thr = 1/2 reads it like guide cosines).
+template <typename T>
+void pack_mask_row(const T* g, T thr, int64_t n, int64_t c0, uint64_t* words) {
+  int64_t j = 0;
+  auto one = [&](int64_t jj) {
+    if (g[jj] > thr) words[(c0 + jj) >> 6] |= uint64_t(1) << ((c0 + jj) & 63);
+  };
+  for (; j < n && ((c0 + j) & 63) != 0; ++j) one(j);
+  for (; j + 64 <= n; j += 64) {
+    uint64_t w = 0;
+    for (int l = 0; l < 64; ++l) w |= uint64_t(g[j + l] > thr) << l;
+    words[(c0 + j) >> 6] |= w;
+  }
+  for (; j < n; ++j) one(j);
+}
+
+template <typename T>
+void unpack_mask_row(const uint64_t* words, int64_t c0, int64_t n, T* out) {
+  for (int64_t j = 0; j < n; ++j) out[j] = static_cast<T>((words[(c0 + j) >> 6] >> ((c0 + j) & 63)) & 1);
+}
 
 // ---------------------------------------------------------------------------------------------
 // Problem description.
@@ -153,6 +176,9 @@ struct Problem {
   std::vector<at::Tensor> inv_norm;  // 1 / max(||x||, eps) of the student rows
   std::vector<at::Tensor> norm;      // ||x|| of the student rows
   std::vector<Block> blocks;
+  // Guide-mask bitmask layout: block b's row i starts at word mask_base[b] + i * mask_stride[b].
+  std::vector<int64_t> mask_base, mask_stride;
+  int64_t mask_words = 0;
   int64_t batch = 0, candidates = 0, offset = 0;
   at::ScalarType dtype;
 
@@ -201,6 +227,11 @@ Problem prepare(const std::vector<at::Tensor>& student, const std::vector<at::Te
   if (opt.contrast_anchors) pb.blocks.push_back({kAnchor, kAnchor, false});
   if (opt.contrast_positives) pb.blocks.push_back({kPositive, kPositive, false});
   for (int m = 2; m < static_cast<int>(student.size()); ++m) pb.blocks.push_back({kAnchor, m, false});
+  for (const Block& blk : pb.blocks) {
+    pb.mask_base.push_back(pb.mask_words);
+    pb.mask_stride.push_back((pb.student[blk.col_input].size(0) + 63) / 64);
+    pb.mask_words += pb.batch * pb.mask_stride.back();
+  }
   return pb;
 }
 
@@ -234,27 +265,30 @@ at::Tensor scratch(at::Tensor& buffer, int64_t rows, int64_t cols) {
   return buffer.narrow(0, 0, rows * cols).view({rows, cols});
 }
 
-// thr_i from t_i = ĝa_i · ĝp_{o+i}, and the target logit z_{i,o+i} = â_i · p̂_{o+i} / tau.
-std::pair<at::Tensor, at::Tensor> thresholds(const Problem& pb, const Options& opt) {
+// thr_i from t_i = ĝa_i · ĝp_{o+i}.
+at::Tensor thresholds(const Problem& pb, const Options& opt) {
   const int64_t B = pb.batch;
   at::Tensor t = (pb.guide[kAnchor] * pb.rows(pb.guide, kPositive, 0, B)).sum(1);
-  at::Tensor thr = opt.relative ? t - t.abs() * opt.margin : t - opt.margin;
-  at::Tensor target = (pb.student[kAnchor] * pb.rows(pb.student, kPositive, 0, B)).sum(1) / opt.temperature;
-  return {thr.contiguous(), target.contiguous()};
+  return (opt.relative ? t - t.abs() * opt.margin : t - opt.margin).contiguous();
 }
 
 // ---------------------------------------------------------------------------------------------
-// Pass 1: lse_i and the softmax-weighted means E of the column vectors seen from the anchor rows
-// (e_anchor) and from the PP rows (e_positive).
+// Pass 1: lse_i, the loss l_i = lse_i - z_{i,o+i}, and the softmax-weighted means E of the column
+// vectors seen from the anchor rows (e_anchor) and from the PP rows (e_positive).
+//
+// Per row the running shift m_i is the largest kept logit so far and the sum is relative to it;
+// the loss is formed as (m_i - z_target) + log(sum) with z_target taken from the same tile value
+// the softmax used, so when the target is the row maximum the loss is log(sum) without the
+// cancellation of two O(1/tau) numbers.
 
 template <typename T>
-void row_pass(const Problem& pb, const Options& opt, const at::Tensor& thr, const at::Tensor& target_logit,
-              at::Tensor& lse, at::Tensor& e_anchor, at::Tensor& e_positive) {
+void row_pass(const Problem& pb, const Options& opt, const at::Tensor& thr, at::Tensor& losses, at::Tensor& lse,
+              at::Tensor& e_anchor, at::Tensor& e_positive, uint64_t* mask) {
   const int64_t B = pb.batch, TM = opt.tile_rows, TN = opt.tile_cols;
   const T inv_tau = static_cast<T>(1.0 / opt.temperature);
   const T* thr_p = thr.data_ptr<T>();
-  const T* target_p = target_logit.data_ptr<T>();
   T* lse_p = lse.data_ptr<T>();
+  T* loss_p = losses.data_ptr<T>();
   const int64_t d = pb.student[0].size(1);
   const int64_t tiles = (B + TM - 1) / TM;
 
@@ -262,12 +296,14 @@ void row_pass(const Problem& pb, const Options& opt, const at::Tensor& thr, cons
     const int64_t r0 = tile * TM, rn = std::min(TM, B - r0);
     auto options = pb.student[0].options();
     at::Tensor s_buf = at::empty({TM * TN}, options), g_buf = at::empty({TM * TN}, options);
-    std::vector<T> shift(target_p + r0, target_p + r0 + rn), total(rn, T(0));
+    const T ninf = -std::numeric_limits<T>::infinity();
+    std::vector<T> shift(rn, ninf), total(rn, T(0)), target(rn, T(0));
     at::Tensor acc[2] = {e_anchor.narrow(0, r0, rn), e_positive.defined() ? e_positive.narrow(0, r0, rn) : at::Tensor()};
     for (auto& a : acc)
       if (a.defined()) a.zero_();
 
-    for (const Block& blk : pb.blocks) {
+    for (size_t b = 0; b < pb.blocks.size(); ++b) {
+      const Block& blk = pb.blocks[b];
       at::Tensor rs = pb.rows(pb.student, blk.row_input, r0, rn);
       at::Tensor rg = pb.rows(pb.guide, blk.row_input, r0, rn);
       at::Tensor& a = acc[blk.row_input];
@@ -288,16 +324,25 @@ void row_pass(const Problem& pb, const Options& opt, const at::Tensor& thr, cons
           const bool has_target = jt >= 0 && jt < cn;
           const T target_s = has_target ? w[jt] : T(0);
           T mx = mask_row_max(w, g_p + i * cn, w, cn, thr_p[r0 + i], inv_tau);
+          if (mask) {
+            uint64_t* words = mask + pb.mask_base[b] + (r0 + i) * pb.mask_stride[b];
+            pack_mask_row(g_p + i * cn, thr_p[r0 + i], cn, c0, words);
+            if (has_target) words[(c0 + jt) >> 6] &= ~(uint64_t(1) << ((c0 + jt) & 63));
+          }
           if (has_target) {
-            w[jt] = target_s * inv_tau;
+            w[jt] = target[i] = target_s * inv_tau;
             mx = std::max(mx, w[jt]);
           }
-          // The shift starts at the (never-masked) target logit, so it is always finite.
-          if (mx > shift[i]) {
+          if (mx == ninf) {  // every entry of this row of the tile is masked: no weight
+            std::fill(w, w + cn, T(0));
+            continue;
+          }
+          if (mx > shift[i]) {  // (exp(-inf) = 0 on the first kept entry: nothing to rescale)
             const T alpha = std::exp(shift[i] - mx);
+            const bool seen = total[i] > 0;  // else the accumulators are still 0
             total[i] *= alpha;
-            for (T* row : {acc[0].defined() ? acc[0].data_ptr<T>() : nullptr,
-                           acc[1].defined() ? acc[1].data_ptr<T>() : nullptr}) {
+            for (T* row : {seen && acc[0].defined() ? acc[0].data_ptr<T>() : nullptr,
+                           seen && acc[1].defined() ? acc[1].data_ptr<T>() : nullptr}) {
               if (!row) continue;
               T* r = row + i * d;
               for (int64_t k = 0; k < d; ++k) r[k] *= alpha;
@@ -310,8 +355,10 @@ void row_pass(const Problem& pb, const Options& opt, const at::Tensor& thr, cons
       }
     }
     for (int64_t i = 0; i < rn; ++i) {
-      // The target is never masked, so total > 0 and lse is finite.
-      lse_p[r0 + i] = shift[i] + std::log(total[i]);
+      // The target is never masked, so total >= 1 after the shift and lse is finite.
+      const T log_total = std::log(total[i]);
+      lse_p[r0 + i] = shift[i] + log_total;
+      loss_p[r0 + i] = (shift[i] - target[i]) + log_total;
       const T inv_total = T(1) / total[i];
       for (auto& a : acc) {
         if (!a.defined()) continue;
@@ -327,7 +374,7 @@ void row_pass(const Problem& pb, const Options& opt, const at::Tensor& thr, cons
 
 template <typename T>
 void column_pass(const Problem& pb, const Options& opt, const at::Tensor& lse, const at::Tensor& thr,
-                 const at::Tensor& scale, std::vector<at::Tensor>& grads) {
+                 const at::Tensor& scale, std::vector<at::Tensor>& grads, const uint64_t* mask) {
   const int64_t B = pb.batch, TM = opt.tile_rows, TN = opt.tile_cols;
   const T inv_tau = static_cast<T>(1.0 / opt.temperature);
   const T* thr_p = thr.data_ptr<T>();
@@ -355,7 +402,8 @@ void column_pass(const Problem& pb, const Options& opt, const at::Tensor& lse, c
     at::Tensor cs = pb.student[task.input].narrow(0, task.c0, task.cn);
     at::Tensor cg = pb.guide[task.input].narrow(0, task.c0, task.cn);
     at::Tensor dc = grads[task.input].narrow(0, task.c0, task.cn);
-    for (const Block& blk : pb.blocks) {
+    for (size_t b = 0; b < pb.blocks.size(); ++b) {
+      const Block& blk = pb.blocks[b];
       if (blk.col_input != task.input) continue;
       for (int64_t r0 = 0; r0 < B; r0 += TM) {
         const int64_t rn = std::min(TM, B - r0);
@@ -363,16 +411,24 @@ void column_pass(const Problem& pb, const Options& opt, const at::Tensor& lse, c
         at::Tensor rg = pb.rows(pb.guide, blk.row_input, r0, rn);
         at::Tensor s = scratch(s_buf, rn, task.cn), g = scratch(g_buf, rn, task.cn);
         at::mm_out(s, rs, cs.t());
-        at::mm_out(g, rg, cg.t());
+        // With pass 1's bitmask the guide dots are not recomputed: the bits become 0/1 "cosines"
+        // compared with 1/2.
+        if (!mask) at::mm_out(g, rg, cg.t());
         T* s_p = s.data_ptr<T>();
-        const T* g_p = g.data_ptr<T>();
+        T* g_p = g.data_ptr<T>();
         for (int64_t i = 0; i < rn; ++i) {
           T* row = s_p + i * task.cn;
+          T thr_i = thr_p[r0 + i];
+          if (mask) {
+            unpack_mask_row(mask + pb.mask_base[b] + (r0 + i) * pb.mask_stride[b], task.c0, task.cn,
+                            g_p + i * task.cn);
+            thr_i = T(0.5);
+          }
           const int64_t jt = blk.is_target ? pb.offset + r0 + i - task.c0 : -1;
           const bool has_target = jt >= 0 && jt < task.cn;
           const T target_s = has_target ? row[jt] : T(0);
           const T lse_i = lse_p[r0 + i], scale_i = scale_p[r0 + i];
-          prob_row(row, g_p + i * task.cn, row, task.cn, thr_p[r0 + i], inv_tau, lse_i, scale_i);
+          prob_row(row, g_p + i * task.cn, row, task.cn, thr_i, inv_tau, lse_i, scale_i);
           if (has_target) row[jt] = (std::exp(target_s * inv_tau - lse_i) - T(1)) * scale_i;
         }
         dc.addmm_(s.t(), rs);
@@ -400,38 +456,50 @@ Options make_options(double temperature, bool relative, double margin, bool cont
 
 }  // namespace
 
-// Forward: returns (losses (B,), lse (B,), thr (B,), e_anchor (B, d), e_positive (B, d) or empty).
+// Forward: returns (losses (B,), lse (B,), thr (B,), e_anchor (B, d), e_positive (B, d) or empty,
+// guide-mask bits (int64 words, B * N / 64 of them) or empty). With `keep_mask`, pass 2 can take
+// the bits instead of recomputing the guide dots.
 std::vector<at::Tensor> gist_forward(const std::vector<at::Tensor>& student, const std::vector<at::Tensor>& guide,
                                      double temperature, bool relative, double margin, bool contrast_anchors,
-                                     bool contrast_positives, int64_t offset, int64_t tile_rows, int64_t tile_cols) {
+                                     bool contrast_positives, int64_t offset, int64_t tile_rows, int64_t tile_cols,
+                                     bool keep_mask) {
   at::NoGradGuard no_grad;
   const Options opt = make_options(temperature, relative, margin, contrast_anchors, contrast_positives, offset,
                                    tile_rows, tile_cols);
   const Problem pb = prepare(student, guide, opt, false);
-  auto [thr, target_logit] = thresholds(pb, opt);
+  at::Tensor thr = thresholds(pb, opt);
   const int64_t B = pb.batch, d = pb.student[0].size(1);
   auto options = pb.student[0].options();
-  at::Tensor lse = at::empty({B}, options);
+  at::Tensor lse = at::empty({B}, options), losses = at::empty({B}, options);
   at::Tensor e_anchor = at::empty({B, d}, options);
   at::Tensor e_positive = contrast_positives ? at::empty({B, d}, options) : at::Tensor();
+  at::Tensor mask = at::zeros({keep_mask ? pb.mask_words : 0}, options.dtype(at::kLong));
+  uint64_t* mask_p = keep_mask ? reinterpret_cast<uint64_t*>(mask.data_ptr<int64_t>()) : nullptr;
   AT_DISPATCH_FLOATING_TYPES(pb.dtype, "gist_row_pass",
-                             [&] { row_pass<scalar_t>(pb, opt, thr, target_logit, lse, e_anchor, e_positive); });
-  at::Tensor losses = lse - target_logit;
-  return {losses, lse, thr, e_anchor, e_positive.defined() ? e_positive : at::empty({0}, options)};
+                             [&] { row_pass<scalar_t>(pb, opt, thr, losses, lse, e_anchor, e_positive, mask_p); });
+  return {losses, lse, thr, e_anchor, e_positive.defined() ? e_positive : at::empty({0}, options), mask};
 }
 
 // Backward: the gradient of sum_i w_i * loss_i w.r.t. every student input (compute dtype), where
-// `row_weight` holds w_i. With `consume`, the storage of e_anchor / e_positive is reused.
+// `row_weight` holds w_i. With `consume`, the storage of e_anchor / e_positive is reused. `mask` is
+// the forward's guide-mask bits, or empty to recompute the guide dots.
 std::vector<at::Tensor> gist_backward(const std::vector<at::Tensor>& student, const std::vector<at::Tensor>& guide,
                                       const at::Tensor& lse, const at::Tensor& thr, at::Tensor e_anchor,
                                       at::Tensor e_positive, const at::Tensor& row_weight, double temperature,
                                       bool relative, double margin, bool contrast_anchors, bool contrast_positives,
-                                      int64_t offset, int64_t tile_rows, int64_t tile_cols, bool consume) {
+                                      int64_t offset, int64_t tile_rows, int64_t tile_cols, bool consume,
+                                      const at::Tensor& mask) {
   at::NoGradGuard no_grad;
   const Options opt = make_options(temperature, relative, margin, contrast_anchors, contrast_positives, offset,
                                    tile_rows, tile_cols);
   const Problem pb = prepare(student, guide, opt, true);
   const int64_t B = pb.batch, o = pb.offset;
+  const uint64_t* mask_p = nullptr;
+  if (mask.numel() > 0) {
+    TORCH_CHECK(mask.numel() == pb.mask_words && mask.scalar_type() == at::kLong && mask.is_contiguous(),
+                "gist_fast cpp: the guide mask does not match the inputs");
+    mask_p = reinterpret_cast<const uint64_t*>(mask.data_ptr<int64_t>());
+  }
   at::Tensor scale = (row_weight.to(pb.dtype) / temperature).contiguous();
   at::Tensor scale_col = scale.unsqueeze(1);
 
@@ -451,7 +519,7 @@ std::vector<at::Tensor> gist_backward(const std::vector<at::Tensor>& student, co
   for (size_t m = 2; m < pb.student.size(); ++m) grads.push_back(at::zeros_like(pb.student[m]));
 
   AT_DISPATCH_FLOATING_TYPES(pb.dtype, "gist_column_pass",
-                             [&] { column_pass<scalar_t>(pb, opt, lse, thr, scale, grads); });
+                             [&] { column_pass<scalar_t>(pb, opt, lse, thr, scale, grads, mask_p); });
   through_normalisation(pb, grads);
   return grads;
 }

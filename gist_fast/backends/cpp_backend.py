@@ -126,16 +126,35 @@ def _option_args(options: GISTOptions, tiles: tuple[int, int]) -> tuple:
     )
 
 
+def mask_bytes(inputs: GISTInputs, options: GISTOptions) -> int:
+    """Size of pass 1's guide-mask bitmask: one bit per logit, rows padded to 64 bits, per block."""
+    B, P = inputs.batch_size, inputs.num_candidates
+    columns = [P] + ([B] if options.contrast_anchors else []) + ([P] if options.contrast_positives else [])
+    columns += [P] * len(inputs.negatives)
+    return sum(B * ((n + 63) // 64) * 8 for n in columns)
+
+
+def _default_mask_limit(inputs: GISTInputs) -> int:
+    """Keep the bitmask when it is no bigger than the inputs themselves (float32 bytes): it then at
+    most doubles the memory the loss holds, and spares pass 2 its guide dots (1/6 of the FLOPs at
+    d = dg). Beyond that (B > ~20k at d = 384, k = 1) pass 2 recomputes the guide dots: memory stays
+    linear in B."""
+    return sum(4 * t.numel() for t in (*inputs.student_tensors, *inputs.guide_tensors))
+
+
 class _GISTCppFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, options: GISTOptions, num_negatives: int, tiles: tuple[int, int], *tensors: Tensor):
+    def forward(
+        ctx, options: GISTOptions, num_negatives: int, tiles: tuple[int, int], keep_mask: bool, *tensors: Tensor
+    ):
         ext = load_extension()
         k = num_negatives
         dtype = _compute_dtype(tensors)
         cast = [t.detach().to(dtype) for t in tensors]
         student, guide = cast[: 2 + k], cast[2 + k :]
         args = _option_args(options, tiles)
-        losses, lse, threshold, e_a, e_p = ext.forward(student, guide, *args)
+        needs_grad = any(ctx.needs_input_grad[4 : 6 + k])
+        losses, lse, threshold, e_a, e_p, mask = ext.forward(student, guide, *args, keep_mask and needs_grad)
         B = losses.shape[0]
         if options.reduction == "none":
             loss = losses
@@ -144,16 +163,16 @@ class _GISTCppFunction(torch.autograd.Function):
 
         ctx.options, ctx.k, ctx.tiles = options, k, tiles
         ctx.dtypes = [t.dtype for t in tensors[: 2 + k]]
-        if not any(ctx.needs_input_grad[3 : 5 + k]):
+        if not needs_grad:
             return loss
         if options.reduction == "none":
             # Per-row incoming weights are unknown until backward: keep what pass 2 needs.
-            ctx.save_for_backward(lse, threshold, e_a, e_p, *cast)
+            ctx.save_for_backward(lse, threshold, e_a, e_p, mask, *cast)
             ctx.deferred = True
         else:
             weight = torch.full((B,), 1.0 / B if options.reduction == "mean" else 1.0, dtype=dtype)
-            grads = ext.backward(student, guide, lse, threshold, e_a, e_p, weight, *args, True)
-            del e_a, e_p
+            grads = ext.backward(student, guide, lse, threshold, e_a, e_p, weight, *args, True, mask)
+            del e_a, e_p, mask
             ctx.save_for_backward(*[g.to(t) for g, t in zip(grads, ctx.dtypes, strict=True)])
             ctx.deferred = False
         return loss
@@ -164,40 +183,51 @@ class _GISTCppFunction(torch.autograd.Function):
             raise RuntimeError(DOUBLE_BACKWARD_ERROR)
         k = ctx.k
         n_student = 2 + k
-        if not any(ctx.needs_input_grad[3 : 5 + k]):
-            return (None,) * (3 + 2 * n_student)
+        if not any(ctx.needs_input_grad[4 : 6 + k]):
+            return (None,) * (4 + 2 * n_student)
         if ctx.deferred:
-            lse, threshold, e_a, e_p, *cast = ctx.saved_tensors
+            lse, threshold, e_a, e_p, mask, *cast = ctx.saved_tensors
             ext = load_extension()
             weight = grad_out.detach().to(lse.dtype).contiguous()
             args = _option_args(ctx.options, ctx.tiles)
             # consume=False: saved tensors stay intact (retain_graph may call backward again).
-            grads = ext.backward(cast[:n_student], cast[n_student:], lse, threshold, e_a, e_p, weight, *args, False)
+            grads = ext.backward(
+                cast[:n_student], cast[n_student:], lse, threshold, e_a, e_p, weight, *args, False, mask
+            )
             grads = [g.to(t) for g, t in zip(grads, ctx.dtypes, strict=True)]
         else:
             grads = list(ctx.saved_tensors)
             # loss.backward() sends exactly 1: hand the saved gradients over without a copy.
             if not bool((grad_out == 1).all()):
                 grads = [g * grad_out.to(g.dtype) for g in grads]
-        student = [g if ctx.needs_input_grad[3 + i] else None for i, g in enumerate(grads)]
-        return (None, None, None, *student, *([None] * n_student))
+        student = [g if ctx.needs_input_grad[4 + i] else None for i, g in enumerate(grads)]
+        return (None, None, None, None, *student, *([None] * n_student))
 
 
 def gist_loss_cpp(
-    inputs: GISTInputs, options: GISTOptions, *, tile_rows: int = TILE_ROWS, tile_cols: int = TILE_COLS
+    inputs: GISTInputs,
+    options: GISTOptions,
+    *,
+    tile_rows: int = TILE_ROWS,
+    tile_cols: int = TILE_COLS,
+    mask_limit_bytes: int | None = None,
 ) -> Tensor:
     """GIST loss by the native CPU kernel; memory linear in B.
 
     `tile_rows` x `tile_cols` is the logit tile each thread holds (twice: student and guide).
+    Pass 1 keeps the guide mask as bits for pass 2 when they take at most `mask_limit_bytes`
+    (default: the size of the inputs in float32, see `_default_mask_limit`; 0 never keeps them).
     """
     if inputs.anchor.device.type != "cpu":
         raise ValueError(f"backend='cpp' runs on the CPU; the inputs are on {inputs.anchor.device}")
     if tile_rows < 1 or tile_cols < 1:
         raise ValueError(f"tile sizes must be >= 1; got tile_rows={tile_rows}, tile_cols={tile_cols}")
+    limit = _default_mask_limit(inputs) if mask_limit_bytes is None else mask_limit_bytes
     return _GISTCppFunction.apply(
         options,
         len(inputs.negatives),
         (tile_rows, tile_cols),
+        mask_bytes(inputs, options) <= limit,
         *inputs.student_tensors,
         *inputs.guide_tensors,
     )
