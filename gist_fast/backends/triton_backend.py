@@ -46,13 +46,15 @@ class Blocks:
     Attributes:
         m: rows of a tile (BLOCK_M), n: columns (BLOCK_N), k: features per dot step (BLOCK_K);
             all powers of two >= 16 (a GPU needs every dot dimension >= 16).
-        programs: persistent programs per launch (None: a few per SM on a GPU, 3 when interpreting).
+        programs: persistent programs per launch (None: one per SM on a GPU, 3 when interpreting).
+        warps: warps per program on a GPU (the interpreter ignores it).
     """
 
     m: int = 64
     n: int = 64
     k: int = 64
     programs: int | None = None
+    warps: int = 8
 
     def __post_init__(self) -> None:
         for name in ("m", "n", "k"):
@@ -73,7 +75,7 @@ def _num_programs(blocks: Blocks, tiles: int, device: torch.device) -> int:
     if blocks.programs is not None:
         wanted = blocks.programs
     elif device.type == "cuda":
-        wanted = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        wanted = torch.cuda.get_device_properties(device).multi_processor_count
     else:
         wanted = 3
     return max(1, min(wanted, tiles))
@@ -226,8 +228,10 @@ def _run_passes(problem: _Problem, weight: Tensor, with_grad: bool, blocks: Bloc
         BLOCK_M=blocks.m,
         BLOCK_N=blocks.n,
         BLOCK_K=blocks.k,
+        num_warps=blocks.warps,
         **flags,
     )
+    del scratch
     if not with_grad:
         return lse, target, None
 
@@ -254,6 +258,7 @@ def _run_passes(problem: _Problem, weight: Tensor, with_grad: bool, blocks: Bloc
             BLOCK_M=blocks.m,
             BLOCK_N=blocks.n,
             BLOCK_K=blocks.k,
+            num_warps=blocks.warps,
             **flags,
         )
     return lse, target, (grad_a, grad_p, grad_n)

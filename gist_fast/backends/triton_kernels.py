@@ -112,7 +112,7 @@ def _masked_logits(
     IS_TARGET_BLOCK: tl.constexpr,
 ):
     """z = s / tau with the guide's mask; returns (z, is_target). Invalid rows/columns are -inf."""
-    s = dots / norm_x[:, None] / norm_y[None, :]
+    s = dots * (1.0 / norm_x)[:, None] * (1.0 / norm_y)[None, :]
     g = tl.math.div_rn(guide_dots, gnorm_x[:, None] * gnorm_y[None, :])
     # The target column o + i of row i (AP only; elsewhere nothing is a target).
     is_target = cols[None, :] == (rows + offset)[:, None] if IS_TARGET_BLOCK else cols[None, :] < 0

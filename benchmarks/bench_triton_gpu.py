@@ -1,0 +1,448 @@
+"""GPU benchmark of the fused Triton GIST loss (issue 3), in one run that fits one device call.
+
+What it does, in order, under one time budget (``--budget-s``, default 500 s):
+
+1. Correctness at a large shape: ``backend="triton"`` against ``backend="torch"`` (the tiled
+   PyTorch path, tested equal to the reference) in bf16 and fp32, B = 16384, d = 768, dg = 1024,
+   one negative column, both contrast blocks: loss and every gradient, errors relative to the
+   largest magnitude.
+2. A small sweep of tile shapes (BLOCK_M, BLOCK_N, BLOCK_K, warps) at B = 16384, d = 768; the
+   fastest is used from then on and all are recorded.
+3. Forward + backward time (median of ``triton.testing.do_bench``, or CUDA events around single
+   runs when one run takes seconds) and peak memory (``torch.cuda.max_memory_allocated`` above the
+   inputs, gradients included) for B in {4096, ..., 1048576}, d in {768, 384, 1024} (768 first:
+   the issue's targets are stated for it), dg = 1024, one negative column, both contrast blocks,
+   bf16, for:
+   - ``triton``: gist_fast's fused kernels;
+   - ``torch``: gist_fast's tiled PyTorch backend;
+   - ``reference``: the materialised PyTorch loss (all B x N logits);
+   - ``compiled``: ``torch.compile(dynamic=True)`` of the materialised loss;
+   - ``sentence-transformers``: its ``GISTEmbedLoss`` on injected embeddings (benchmarks/st_injection.py).
+   Out-of-memory is recorded as such (also when the logits alone would not fit: "predicted"); a
+   run whose predicted time exceeds the remaining budget is recorded as skipped.
+
+Effective TFLOP/s = 2 B N (3d + dg) / time, N = all candidate columns (4B here): the useful work of
+the forward similarities and the two gradient products (DESIGN.md 3).
+
+Results go to ``--out`` (default benchmarks/results/): ``triton_gpu_<gpu>.json``, ``.md`` (a table)
+and ``.png`` (time and memory against B, one panel row per d), naming the GPU and the versions.
+
+Usage (repo root):
+    python3 benchmarks/bench_triton_gpu.py --out "$OUT"   # on a GPU, about 8-9 minutes
+    python3 benchmarks/bench_triton_gpu.py --smoke        # CPU, Triton interpreter, tiny shapes: checks the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():  # the interpreter must be chosen before triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton  # noqa: E402
+import triton.testing  # noqa: E402
+
+from gist_fast.backends.reference import gist_loss_reference  # noqa: E402
+from gist_fast.backends.torch_tiled import gist_loss_torch  # noqa: E402
+from gist_fast.backends.triton_backend import Blocks, default_blocks, gist_loss_triton  # noqa: E402
+from gist_fast.inputs import GISTInputs, GISTOptions, validate  # noqa: E402
+
+TEMPERATURE = 0.01
+OPTIONS = GISTOptions(temperature=TEMPERATURE, margin=0.0, contrast_anchors=True, contrast_positives=True)
+METHODS = ["triton", "torch", "reference", "compiled", "sentence-transformers"]
+TUNE_CONFIGS = [Blocks(64, 64, 64, warps=4), Blocks(64, 64, 64, warps=8), Blocks(128, 64, 64, warps=8),
+                Blocks(64, 128, 64, warps=8), Blocks(64, 64, 32, warps=4)]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# Problems and methods
+# ----------------------------------------------------------------------------------------------
+
+
+def make_inputs(batch: int, dim: int, guide_dim: int, dtype: torch.dtype, device: str, seed: int = 0):
+    """Student (anchor, positive, negative; with grad) and guide tensors, random, one negative."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    student = [torch.randn(batch, dim, device=device, dtype=dtype, generator=gen).requires_grad_() for _ in range(3)]
+    guide = [torch.randn(batch, guide_dim, device=device, dtype=dtype, generator=gen) for _ in range(3)]
+    return student, guide
+
+
+def num_columns(batch: int) -> int:
+    return 4 * batch  # AP + AA + PP + one AN block
+
+
+def useful_flops(batch: int, dim: int, guide_dim: int) -> float:
+    return 2.0 * batch * num_columns(batch) * (3 * dim + guide_dim)
+
+
+def _validated(student, guide) -> tuple[GISTInputs, GISTOptions]:
+    return validate(
+        student[0], student[1], guide[0], guide[1], student[2:], guide[2:],
+        temperature=OPTIONS.temperature, margin_strategy=OPTIONS.margin_strategy, margin=OPTIONS.margin,
+        contrast_anchors=OPTIONS.contrast_anchors, contrast_positives=OPTIONS.contrast_positives,
+        reduction=OPTIONS.reduction, check_finite=False,
+    )  # fmt: skip
+
+
+def _materialised(a, p, n, ga, gp, gn):
+    return gist_loss_reference(GISTInputs(a, p, (n,), ga, gp, (gn,)), OPTIONS)
+
+
+_compiled_materialised = None
+
+
+def method_fn(name: str, blocks: Blocks):
+    """loss(student, guide) -> scalar, for each compared method."""
+    global _compiled_materialised
+    if name == "triton":
+        return lambda s, g: gist_loss_triton(*_validated(s, g), blocks=blocks)
+    if name == "torch":
+        return lambda s, g: gist_loss_torch(*_validated(s, g))
+    if name == "reference":
+        return lambda s, g: gist_loss_reference(*_validated(s, g))
+    if name == "compiled":
+        if _compiled_materialised is None:
+            _compiled_materialised = torch.compile(_materialised, dynamic=True)
+        return lambda s, g: _compiled_materialised(*s, *g)
+    if name == "sentence-transformers":
+        from st_injection import make_st_gist_loss, st_gist_loss
+
+        loss = make_st_gist_loss(temperature=TEMPERATURE, margin=0.0, contrast_anchors=True, contrast_positives=True)
+        return lambda s, g: st_gist_loss(s[0], s[1], g[0], g[1], s[2], g[2], loss=loss)
+    raise ValueError(name)
+
+
+def min_bytes(name: str, batch: int, dim: int) -> float:
+    """A lower bound on the extra memory a method needs (the materialised logits), for OOM prediction."""
+    if name in ("reference", "compiled"):
+        return 4.0 * batch * num_columns(batch)  # fp32 logits
+    if name == "sentence-transformers":
+        return 2.0 * batch * batch * dim  # one broadcast B x B x d product in bf16
+    return 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurement
+# ----------------------------------------------------------------------------------------------
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def measure(fn, student, guide, predicted_s: float | None) -> dict:
+    """Median fwd+bwd seconds and peak bytes above what was allocated before (inputs)."""
+
+    def step():
+        for t in student:
+            t.grad = None
+        fn(student, guide).backward()
+
+    on_gpu = torch.cuda.is_available()
+    for t in student:
+        t.grad = None
+    if on_gpu:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    long_run = predicted_s is not None and predicted_s > 2.0
+    start = time.perf_counter()
+    if on_gpu:
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+    fn(student, guide).backward()  # the first run: memory, and the warm-up (compilation)
+    if on_gpu:
+        end.record()
+    _sync()
+    first_s = begin.elapsed_time(end) / 1e3 if on_gpu else time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() - base if on_gpu else None
+    if long_run:
+        # One run takes seconds: its own time is the measurement (kernels are compiled at smaller B).
+        return {"time_s": first_s, "peak_bytes": peak, "timing": "single run (CUDA events)"}
+    if on_gpu:
+        ms = triton.testing.do_bench(step, warmup=25, rep=200, return_mode="median")
+        return {"time_s": ms / 1e3, "peak_bytes": peak, "timing": "do_bench median"}
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return {"time_s": sorted(times)[1], "peak_bytes": None, "timing": "CPU wall clock, median of 3"}
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.detach().double(), want.detach().double()
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+
+
+def check_correctness(batch: int, dim: int, guide_dim: int, device: str, blocks: Blocks) -> list[dict]:
+    """triton against torch (tiled) on the same inputs, bf16 and fp32."""
+    rows = []
+    for dtype, tol in ((torch.bfloat16, {"loss": 1e-4, "grad": 1.6e-2}), (torch.float32, {"loss": 2e-5, "grad": 1e-4})):
+        student, guide = make_inputs(batch, dim, guide_dim, dtype, device, seed=1)
+        results = {}
+        for name in ("triton", "torch"):
+            for t in student:
+                t.grad = None
+            loss = method_fn(name, blocks)(student, guide)
+            loss.backward()
+            results[name] = (loss.detach(), [t.grad.clone() for t in student])
+        (l_tr, g_tr), (l_to, g_to) = results["triton"], results["torch"]
+        loss_err = _rel_err(l_tr, l_to)
+        grad_errs = [_rel_err(a, b) for a, b in zip(g_tr, g_to, strict=True)]
+        ok = loss_err <= tol["loss"] and max(grad_errs) <= tol["grad"]
+        row = {
+            "dtype": str(dtype).removeprefix("torch."), "B": batch, "d": dim, "dg": guide_dim,
+            "loss_triton": l_tr.item(), "loss_torch": l_to.item(), "loss_rel_err": loss_err,
+            "grad_rel_err": grad_errs, "tolerance": tol, "pass": ok,
+        }  # fmt: skip
+        print(f"[check] {row}", flush=True)
+        rows.append(row)
+        del student, guide, results
+    return rows
+
+
+def tune(batch: int, dim: int, guide_dim: int, device: str, configs: list[Blocks]) -> tuple[Blocks, list[dict]]:
+    """Time each tile configuration once at one shape; return the fastest."""
+    student, guide = make_inputs(batch, dim, guide_dim, torch.bfloat16, device)
+    rows, best = [], None
+    for blocks in configs:
+        try:
+            r = measure(method_fn("triton", blocks), student, guide, None)
+            row = {"blocks": asdict(blocks), "time_s": r["time_s"]}
+            if best is None or r["time_s"] < best[1]:
+                best = (blocks, r["time_s"])
+        except Exception as err:  # a config that does not compile or fit is recorded and skipped
+            row = {"blocks": asdict(blocks), "error": f"{type(err).__name__}: {str(err)[:300]}"}
+        print(f"[tune] {row}", flush=True)
+        rows.append(row)
+    return (best[0] if best else configs[0]), rows
+
+
+def run_sweep(args, blocks: Blocks, deadline: float, device: str) -> list[dict]:
+    rows = []
+    total_memory = torch.cuda.get_device_properties(0).total_memory if device == "cuda" else math.inf
+    for dim in args.dims:
+        rate: dict[str, float] = {}  # last effective FLOP/s per method at this d
+        failed: dict[str, str] = {}
+        for batch in args.batches:
+            try:
+                student, guide = make_inputs(batch, dim, args.guide_dim, torch.bfloat16, device)
+            except Exception as err:
+                rows.append({"d": dim, "B": batch, "method": "inputs", "status": f"error: {err}"})
+                continue
+            input_bytes = sum(t.numel() * t.element_size() for t in student + guide)
+            grad_bytes = sum(t.numel() * t.element_size() for t in student)
+            flops = useful_flops(batch, dim, args.guide_dim)
+            for name in args.methods:
+                row = {"d": dim, "dg": args.guide_dim, "B": batch, "N": num_columns(batch), "method": name,
+                       "input_bytes": input_bytes, "grad_bytes": grad_bytes, "useful_flops": flops}  # fmt: skip
+                predicted = flops / rate[name] * 1.3 if name in rate else None
+                remaining = deadline - time.perf_counter()
+                if name in failed:
+                    row["status"] = f"skipped: {failed[name]} at a smaller B"
+                elif min_bytes(name, batch, dim) + input_bytes > total_memory:
+                    need = min_bytes(name, batch, dim) / 2**30
+                    row["status"] = f"oom (predicted: needs at least {need:.0f} GiB beyond the inputs)"
+                elif predicted is not None and predicted > remaining:
+                    row["status"] = f"skipped: predicted {predicted:.0f} s > {remaining:.0f} s left of the budget"
+                elif remaining < 5:
+                    row["status"] = "skipped: time budget spent"
+                else:
+                    try:
+                        row.update(measure(method_fn(name, blocks), student, guide, predicted))
+                        row["status"] = "ok"
+                        row["tflops"] = flops / row["time_s"] / 1e12
+                        rate[name] = flops / row["time_s"]
+                        if row["peak_bytes"] is not None:
+                            row["peak_over_inputs_and_grads"] = (input_bytes + row["peak_bytes"]) / (
+                                input_bytes + grad_bytes
+                            )
+                    except Exception as err:
+                        row["status"] = "oom" if _is_oom(err) else f"error: {type(err).__name__}: {str(err)[:300]}"
+                        failed[name] = "oom" if _is_oom(err) else "error"
+                    finally:
+                        for t in student:
+                            t.grad = None
+                        if device == "cuda":
+                            torch.cuda.empty_cache()
+                print(f"[bench] {_row_text(row)}", flush=True)
+                rows.append(row)
+            del student, guide
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def _row_text(row: dict) -> str:
+    if row.get("status") != "ok":
+        return f"d={row['d']} B={row['B']} {row['method']}: {row.get('status')}"
+    mem = "" if row["peak_bytes"] is None else f", peak +{row['peak_bytes'] / 2**30:.2f} GiB"
+    return f"d={row['d']} B={row['B']} {row['method']}: {row['time_s'] * 1e3:.2f} ms, {row['tflops']:.1f} TFLOP/s{mem}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Reports
+# ----------------------------------------------------------------------------------------------
+
+
+def environment(device: str) -> dict:
+    import importlib.metadata as md
+
+    def version(pkg: str) -> str | None:
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return None
+
+    env = {
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({platform.processor() or 'unknown'})",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "sentence_transformers": version("sentence-transformers"),
+        "python": platform.python_version(),
+        "interpreter": os.environ.get("TRITON_INTERPRET") == "1",
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+    }
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        env.update(sm_count=props.multi_processor_count, memory_gib=round(props.total_memory / 2**30, 1))
+    return env
+
+
+def markdown(report: dict) -> str:
+    env = report["environment"]
+    lines = [
+        f"# Triton GIST loss benchmark: {env['device']}",
+        "",
+        f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
+        f"sentence-transformers {env['sentence_transformers']}, {env['date_utc']} UTC"
+        + (" — **Triton interpreter on the CPU (smoke run, not a measurement)**" if env["interpreter"] else ""),
+        "",
+        "Forward + backward, bf16, dg = 1024, one negative column, both contrast blocks (N = 4B), "
+        "temperature 0.01. Effective TFLOP/s = 2·B·N·(3d + dg) / time. Peak = max_memory_allocated "
+        "above the inputs (gradients included); ratio = (inputs + peak) / (inputs + gradients).",
+        f"Tiles: {report['blocks']}.",
+        "",
+        "## Correctness (triton vs torch, same inputs)",
+        "",
+        "| dtype | B | loss rel. err | max grad rel. err | pass |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for c in report["correctness"]:
+        lines.append(
+            f"| {c['dtype']} | {c['B']} | {c['loss_rel_err']:.2e} | {max(c['grad_rel_err']):.2e} | {c['pass']} |"
+        )
+    lines += ["", "## Time and memory", "", "| d | B | method | time (ms) | TFLOP/s | peak (GiB) | ratio | status |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for r in report["rows"]:
+        if r.get("status") == "ok":
+            peak = "" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**30:.2f}"
+            ratio = f"{r['peak_over_inputs_and_grads']:.2f}" if "peak_over_inputs_and_grads" in r else ""
+            lines.append(
+                f"| {r['d']} | {r['B']} | {r['method']} | {r['time_s'] * 1e3:.2f} | {r['tflops']:.1f} | {peak} | "
+                f"{ratio} | ok |"
+            )
+        else:
+            lines.append(f"| {r['d']} | {r['B']} | {r['method']} | | | | | {r.get('status')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no plot"
+    dims = sorted({r["d"] for r in report["rows"]})
+    fig, axes = plt.subplots(len(dims), 2, figsize=(11, 3.6 * len(dims)), squeeze=False)
+    for row_axes, dim in zip(axes, dims, strict=True):
+        for name in METHODS:
+            pts = [r for r in report["rows"] if r["d"] == dim and r["method"] == name and r.get("status") == "ok"]
+            if not pts:
+                continue
+            row_axes[0].plot([r["B"] for r in pts], [r["time_s"] for r in pts], marker="o", label=name)
+            if pts[0]["peak_bytes"] is not None:
+                row_axes[1].plot([r["B"] for r in pts], [r["peak_bytes"] / 2**30 for r in pts], marker="o", label=name)
+        for ax, what in zip(row_axes, ("fwd+bwd time (s)", "peak memory above inputs (GiB)"), strict=True):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("batch B")
+            ax.set_ylabel(what)
+            ax.set_title(f"d = {dim}, dg = 1024, bf16")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.suptitle(f"GIST loss, {report['environment']['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter): checks the script runs")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--budget-s", type=float, default=500.0, help="wall-clock budget of the whole run")
+    parser.add_argument("--batches", type=int, nargs="+", default=[4096, 16384, 65536, 262144, 1048576])
+    parser.add_argument("--dims", type=int, nargs="+", default=[768, 384, 1024])
+    parser.add_argument("--guide-dim", type=int, default=1024)
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--no-tune", action="store_true", help="skip the tile sweep, use the default tiles")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.smoke:
+        args.batches, args.dims, args.guide_dim = [16, 40], [16], 24
+        check_shape, tune_shape, configs = (24, 16, 24), (24, 16, 24), [default_blocks()]
+    else:
+        if device != "cuda":
+            parser.error("no GPU: run with --smoke to check the script on the CPU")
+        check_shape, tune_shape, configs = (16384, 768, 1024), (16384, 768, 1024), TUNE_CONFIGS
+    deadline = start + args.budget_s
+
+    env = environment(device)
+    print(f"[env] {env}", flush=True)
+    blocks = default_blocks()
+    correctness = check_correctness(*check_shape, device, blocks)
+    tuning = []
+    if not args.no_tune:
+        blocks, tuning = tune(*tune_shape, device, configs)
+    print(f"[tiles] using {blocks}", flush=True)
+    rows = run_sweep(args, blocks, deadline, device)
+    report = {"environment": env, "blocks": asdict(blocks), "correctness": correctness, "tuning": tuning,
+              "rows": rows, "wall_s": time.perf_counter() - start, "smoke": args.smoke}  # fmt: skip
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    slug = "smoke" if args.smoke else env["device"].lower().replace(" ", "-").replace("/", "-")
+    stem = args.out / f"triton_gpu_{slug}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    stem.with_suffix(".md").write_text(markdown(report))
+    note = plot(report, stem.with_suffix(".png"))
+    print(f"[done] {stem}.json/.md" + (f" ({note})" if note else "/.png") + f" in {report['wall_s']:.0f} s")
+    return 0 if all(c["pass"] for c in correctness) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
