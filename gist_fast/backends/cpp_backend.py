@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import site
 import sys
 import threading
 from pathlib import Path
@@ -36,15 +37,26 @@ _EXTENSION = None
 _LOCK = threading.Lock()
 
 
-def source_dir() -> Path:
-    """Where csrc/ is: inside the installed package (wheel), else at the root of a source checkout."""
+def _source_candidates() -> list[Path]:
+    """csrc/ of a source checkout (editable install), then where a wheel puts it: pyproject's
+    data-files install it to <prefix>/share/gist_fast/csrc (prefix = the environment, or the user
+    base for ``pip install --user``)."""
     package = Path(__file__).resolve().parents[1]
-    for candidate in (package / "csrc", package.parent / "csrc"):
+    candidates = [package.parent / "csrc"]
+    for prefix in (sys.prefix, sys.base_prefix, site.getuserbase()):
+        candidates.append(Path(prefix) / "share" / "gist_fast" / "csrc")
+    return candidates
+
+
+def source_dir() -> Path:
+    """The directory holding the C++ sources."""
+    candidates = _source_candidates()
+    for candidate in candidates:
         if all((candidate / name).is_file() for name in _SOURCES):
             return candidate
     raise RuntimeError(
-        f"gist_fast backend='cpp': the C++ sources {_SOURCES} were found neither in {package / 'csrc'} "
-        f"nor in {package.parent / 'csrc'}; reinstall gist-fast or use backend='torch'"
+        f"gist_fast backend='cpp': the C++ sources {_SOURCES} were found in none of "
+        f"{[str(c) for c in candidates]}; reinstall gist-fast or use backend='torch'"
     )
 
 
