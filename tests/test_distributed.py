@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 from problems import SESSION_SEED, draw_problem, rng_for
 
 import gist_fast
+import gist_fast.distributed as gist_distributed
 from gist_fast.backends import BACKENDS
 from gist_fast.distributed import all_gather_with_grad, is_distributed
 
@@ -71,6 +72,8 @@ def make_cases(world: int) -> list[dict]:
                 "options": options,
                 "weights": weights,
                 "use_module": index % 2 == 1,
+                # Take the NCCL backward branch (reduce-scatter) on gloo, which has it in torch 2.13.
+                "reduce_scatter": index % 4 < 2,
             }
         )
     return cases
@@ -94,7 +97,11 @@ def _worker(rank: int, world: int, port: int, path: str) -> None:
     try:
         cases = torch.load(os.path.join(path, "cases.pt"), weights_only=False)
         results = []
+        all_reduce_branch = gist_distributed._has_reduce_scatter
         for case in cases:
+            gist_distributed._has_reduce_scatter = (
+                (lambda group, t: True) if case["reduce_scatter"] else all_reduce_branch
+            )
             batch, dtype = case["batch"], case["dtype"]
             student = [rank_rows(t, rank, batch).clone().to(dtype).requires_grad_() for t in case["student"]]
             guide = [rank_rows(t, rank, batch).clone().to(dtype) for t in case["guide"]]
@@ -143,10 +150,12 @@ def reference_rank_loss(case: dict, rank: int, student: list[torch.Tensor], guid
     return gist_loss_reference(inputs, options)
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str) -> None:
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str, floor: float) -> None:
+    """|actual - expected| <= tol * max(max|expected|, floor). Logits are cosines / temperature, so
+    rounding errors scale with 1/temperature even where a saturated softmax makes the loss tiny."""
     actual, expected = actual.to(torch.float64), expected.to(torch.float64)
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    scale = max(expected.abs().max().item(), 1e-3)
+    scale = max(expected.abs().max().item(), floor)
     err = (actual - expected).abs().max().item()
     assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:g} x {scale:.3g} (seed {SESSION_SEED})"
 
@@ -161,12 +170,14 @@ def test_gathered_loss_matches_single_process(world, tmp_path):
     for index, case in enumerate(cases):
         what = f"case {index} ({case['backend']}, {case['dtype']}, B={case['batch']}, {case['options']})"
         tol = TOLERANCE[case["dtype"]]
+        logit_scale = 1.0 / case["options"]["temperature"]
+        loss_floor, grad_floor = 1e-2 * logit_scale, 1e-3 * logit_scale * case["weights"].max().item()
         student = [t.to(torch.float64).requires_grad_() for t in case["student"]]
         guide = [t.to(torch.float64) for t in case["guide"]]
         total = 0
         for rank in range(world):
             expected = reference_rank_loss(case, rank, student, guide)
-            assert_close(per_rank[rank][index]["loss"], expected, tol, f"{what} rank {rank} loss")
+            assert_close(per_rank[rank][index]["loss"], expected, tol, f"{what} rank {rank} loss", loss_floor)
             total = total + (expected * rank_weight(case, rank)).sum()
         if not case["options"]["contrast_anchors"] and case["options"]["reduction"] == "none":
             # Without the anchor-anchor block, the rank's rows are those of the whole batch.
@@ -185,12 +196,12 @@ def test_gathered_loss_matches_single_process(world, tmp_path):
                 )
             )
             losses = torch.cat([per_rank[rank][index]["loss"] for rank in range(world)])
-            assert_close(losses, whole, tol, f"{what} whole-batch rows")
+            assert_close(losses, whole, tol, f"{what} whole-batch rows", loss_floor)
         expected_grads = torch.autograd.grad(total, student)
         for column, expected in enumerate(expected_grads):
             got = torch.cat([per_rank[rank][index]["grads"][column] for rank in range(world)])
             assert got.dtype == case["dtype"]
-            assert_close(got, expected, tol, f"{what} grad of student column {column}")
+            assert_close(got, expected, tol, f"{what} grad of student column {column}", grad_floor)
 
     for rank in range(world):
         message = per_rank[rank][-1]["unequal_batches"]
