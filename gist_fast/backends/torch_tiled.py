@@ -54,7 +54,11 @@ def blocks_of(inputs: GISTInputs, options: GISTOptions) -> list[Block]:
 
 
 class _Tiler:
-    """Hands out row tiles and column tiles of the normalised inputs, in the compute dtype."""
+    """Hands out row tiles and column tiles of the normalised inputs, in the compute dtype.
+
+    Student tiles come augmented with one extra column so that a single matmul yields shifted
+    logits: rows ``[r̂_i / tau, -shift_i]`` times columns ``[ĉ_j, 1]`` give ``z_ij - shift_i``.
+    """
 
     def __init__(self, inputs: GISTInputs, options: GISTOptions, dtype: torch.dtype) -> None:
         self.student = inputs.student_tensors
@@ -62,51 +66,73 @@ class _Tiler:
         self.dtype = dtype
         self.batch = inputs.batch_size
         self.offset = options.offset
-        # 1 / max(||x||, eps) of every row of every input: linear memory.
-        self.inv_norm = [self._inv_norm(t) for t in self.student]
-        self.guide_inv_norm = [self._inv_norm(t) for t in self.guide]
-
-    def _inv_norm(self, t: Tensor) -> Tensor:
-        return t.detach().to(self.dtype).norm(dim=1).clamp_min(NORM_EPS).reciprocal()
+        self.inv_temperature = 1.0 / options.temperature
+        # ||x|| and 1 / max(||x||, eps) of every row of every input: linear memory.
+        self.norm = [t.detach().to(dtype).norm(dim=1) for t in self.student]
+        self.inv_norm = [n.clamp_min(NORM_EPS).reciprocal() for n in self.norm]
+        self.guide_inv_norm = [t.detach().to(dtype).norm(dim=1).clamp_min(NORM_EPS).reciprocal() for t in self.guide]
 
     def _slice(self, which: int, start: int, stop: int, guide: bool) -> Tensor:
         tensors, inv = (self.guide, self.guide_inv_norm) if guide else (self.student, self.inv_norm)
         return tensors[which][start:stop].detach().to(self.dtype) * inv[which][start:stop, None]
 
+    def _augmented(self, which: int, start: int, stop: int, factor: float, last: Tensor | float) -> Tensor:
+        """(stop - start) x (d + 1): the normalised student rows times `factor`, then `last`."""
+        x = self.student[which][start:stop].detach().to(self.dtype)
+        out = torch.empty(stop - start, x.shape[1] + 1, device=x.device, dtype=self.dtype)
+        inv = self.inv_norm[which][start:stop, None]
+        torch.mul(x, inv * factor if factor != 1.0 else inv, out=out[:, :-1])
+        out[:, -1] = last
+        return out
+
+    def _row_start(self, which: int, start: int) -> int:
+        return start + (self.offset if which == POSITIVE else 0)
+
     def rows(self, which: int, start: int, stop: int, guide: bool = False) -> Tensor:
         """Normalised row vectors of anchors `start:stop`; PP rows are positives o + start : o + stop."""
-        shift = self.offset if which == POSITIVE else 0
-        return self._slice(which, start + shift, stop + shift, guide)
+        return self._slice(which, self._row_start(which, start), self._row_start(which, stop), guide)
+
+    def shifted_rows(self, which: int, start: int, stop: int, shift: Tensor) -> Tensor:
+        """``[r̂_i / tau, -shift_i]`` for the rows of `rows(which, start, stop)`."""
+        r0, r1 = self._row_start(which, start), self._row_start(which, stop)
+        return self._augmented(which, r0, r1, self.inv_temperature, -shift)
 
     def cols(self, which: int, start: int, stop: int, guide: bool = False) -> Tensor:
         return self._slice(which, start, stop, guide)
+
+    def augmented_cols(self, which: int, start: int, stop: int) -> Tensor:
+        """``[ĉ_j, 1]``; its first d columns are the normalised column vectors."""
+        return self._augmented(which, start, stop, 1.0, 1.0)
 
     def num_cols(self, which: int) -> int:
         return self.student[which].shape[0]
 
 
 def _masked_logits(
-    tiler: _Tiler,
     block: Block,
     options: GISTOptions,
     rows: tuple[Tensor, Tensor],
+    cols: tuple[Tensor, Tensor],
     row_range: tuple[int, int],
     col_range: tuple[int, int],
     threshold: Tensor,
 ) -> Tensor:
-    """z = S / tau on one tile, -inf where the guide similarity exceeds the row's threshold."""
+    """``z_ij - shift_i`` on one tile, -inf where the guide similarity exceeds the row's threshold.
+
+    `rows` = (shifted student rows ``[r̂/tau, -shift]``, normalised guide rows), `cols` = (augmented
+    student columns ``[ĉ, 1]``, normalised guide columns): one matmul gives the shifted logits, so
+    no elementwise pass divides by tau or subtracts the shift.
+    """
     (r0, r1), (c0, c1) = row_range, col_range
-    student_rows, guide_rows = rows
-    s = student_rows @ tiler.cols(block.col_input, c0, c1).T
-    g = guide_rows @ tiler.cols(block.col_input, c0, c1, guide=True).T
-    mask = g > threshold[:, None]  # strict: ties are kept
+    z = rows[0] @ cols[0].T
+    mask = (rows[1] @ cols[1].T) > threshold[:, None]  # strict: ties are kept
     if block.is_target_block:
         # The target column o + i lies in this tile for rows i with c0 <= o + i < c1.
-        i = torch.arange(r0, r1, device=s.device)
+        i = torch.arange(r0, r1, device=z.device)
         j = options.offset + i
         inside = (j >= c0) & (j < c1)
         mask[(i - r0)[inside], (j - c0)[inside]] = False
-    return (s / options.temperature).masked_fill_(mask, float("-inf"))
+    return z.masked_fill_(mask, float("-inf"))
 
 
 def _thresholds(tiler: _Tiler, options: GISTOptions, tile_rows: int) -> tuple[Tensor, Tensor]:
@@ -122,8 +148,35 @@ def _thresholds(tiler: _Tiler, options: GISTOptions, tile_rows: int) -> tuple[Te
     return threshold, target_logit
 
 
+# Pass 1 keeps, per row, a shift m_i and sums relative to it (lse_i = m_i + log(row_sum_i)). The
+# shift starts at the target logit, a real and never-masked entry, and moves only when a tile's
+# exp() overflows or a row sum grows past this bound; a common tile then needs no max pass and no
+# rescaling of the accumulators (far below float32's 3.4e38, so sums of bounded tiles stay finite).
+RESCALE_ABOVE = 1e30
+
+
+def _move_shift(
+    delta: Tensor, shift: Tensor, row_sum: Tensor, accumulators: list[Tensor], shifted_rows: list[Tensor]
+) -> None:
+    """shift += delta, keeping the row sums and the accumulators relative to the new shift and the
+    shift column of the student row tiles up to date."""
+    shift.add_(delta)
+    factor = torch.exp(-delta)
+    row_sum.mul_(factor)
+    for a in accumulators:
+        a.mul_(factor[:, None])
+    for rows in shifted_rows:
+        rows[:, -1] = -shift
+
+
 def _forward_pass(
-    tiler: _Tiler, inputs: GISTInputs, options: GISTOptions, threshold: Tensor, tile_rows: int, tile_cols: int
+    tiler: _Tiler,
+    inputs: GISTInputs,
+    options: GISTOptions,
+    threshold: Tensor,
+    target_logit: Tensor,
+    tile_rows: int,
+    tile_cols: int,
 ):
     """Pass 1. Returns lse (B,) and the softmax-weighted means of the column vectors seen from
     the anchor rows (E_a, B x d) and from the PP rows (E_p, B x d, or None without PP)."""
@@ -137,35 +190,38 @@ def _forward_pass(
     for r0 in range(0, B, tile_rows):
         r1 = min(r0 + tile_rows, B)
         row_threshold = threshold[r0:r1]
-        row_max = torch.full((r1 - r0,), float("-inf"), device=dev, dtype=dt)
+        shift = target_logit[r0:r1].clone()
         row_sum = torch.zeros(r1 - r0, device=dev, dtype=dt)
         acc = {ANCHOR: mean_from_anchor[r0:r1], POSITIVE: None}
         if mean_from_positive is not None:
             acc[POSITIVE] = mean_from_positive[r0:r1]
-        row_vectors = {
-            side: (tiler.rows(side, r0, r1), tiler.rows(side, r0, r1, guide=True))
-            for side in {b.row_input for b in blocks}
-        }
+        sides = {b.row_input for b in blocks}
+        student_rows = {side: tiler.shifted_rows(side, r0, r1, shift) for side in sides}
+        guide_rows = {side: tiler.rows(side, r0, r1, guide=True) for side in sides}
+
+        running = (shift, row_sum, [a for a in acc.values() if a is not None], list(student_rows.values()))
         for block in blocks:
             for c0 in range(0, tiler.num_cols(block.col_input), tile_cols):
                 c1 = min(c0 + tile_cols, tiler.num_cols(block.col_input))
-                z = _masked_logits(
-                    tiler, block, options, row_vectors[block.row_input], (r0, r1), (c0, c1), row_threshold
-                )
-                # Online logsumexp; a row whose entries so far are all masked keeps max -inf, and
-                # `safe` keeps exp() away from (-inf) - (-inf).
-                new_max = torch.maximum(row_max, z.amax(dim=1))
-                safe = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
-                rescale = torch.exp(row_max - safe)
-                weights = torch.exp(z - safe[:, None])
-                row_sum = row_sum * rescale + weights.sum(dim=1)
-                for a in acc.values():
-                    if a is not None:
-                        a.mul_(rescale[:, None])
-                acc[block.row_input].addmm_(weights, tiler.cols(block.col_input, c0, c1))
-                row_max = new_max
+                cols = (tiler.augmented_cols(block.col_input, c0, c1), tiler.cols(block.col_input, c0, c1, guide=True))
+                rows = (student_rows[block.row_input], guide_rows[block.row_input])
+                z = _masked_logits(block, options, rows, cols, (r0, r1), (c0, c1), row_threshold)
+                weights = z.exp_()
+                tile_sum = weights.sum(dim=1)
+                if not bool((tile_sum <= RESCALE_ABOVE).all()):
+                    # Rare: some z - shift overflowed exp(). Redo the tile with the shift moved up
+                    # to the tile's row maxima (0 for rows whose entries so far are all masked).
+                    z = _masked_logits(block, options, rows, cols, (r0, r1), (c0, c1), row_threshold)
+                    delta = z.amax(dim=1).clamp_min(0.0)
+                    weights = z.sub_(delta[:, None]).exp_()
+                    tile_sum = weights.sum(dim=1)
+                    _move_shift(delta, *running)
+                row_sum.add_(tile_sum)
+                acc[block.row_input].addmm_(weights, cols[0][:, :-1])
+                if not bool((row_sum <= RESCALE_ABOVE).all()):
+                    _move_shift(row_sum.log().clamp_min(0.0), *running)
         # The target is never masked, so row_sum > 0 and lse is finite.
-        lse[r0:r1] = row_max + row_sum.log()
+        lse[r0:r1] = shift + row_sum.log()
         for a in acc.values():
             if a is not None:
                 a.div_(row_sum[:, None])
@@ -184,49 +240,79 @@ def _column_pass(
     tile_cols: int,
 ) -> None:
     """Pass 2: add the column-side gradients dĉ_j += sum_i G_ij r̂_i into `grads` (w.r.t. the
-    normalised inputs), with G_ij = (P_ij - [j target]) * row_weight_i / tau."""
+    normalised inputs), with G_ij = (P_ij - [j target]) * row_weight_i / tau.
+
+    P_ij = exp(z_ij - lse_i) comes from one matmul of ``[r̂_i/tau, -lse_i]`` with ``[ĉ_j, 1]``, and
+    the row weights go into the (small) row tile rather than into the (large) P tile."""
     B = inputs.batch_size
     scale = row_weight / options.temperature
     for block in blocks_of(inputs, options):
         for c0 in range(0, tiler.num_cols(block.col_input), tile_cols):
             c1 = min(c0 + tile_cols, tiler.num_cols(block.col_input))
             col_grad = grads[block.col_input][c0:c1]
+            cols = (tiler.augmented_cols(block.col_input, c0, c1), tiler.cols(block.col_input, c0, c1, guide=True))
             for r0 in range(0, B, tile_rows):
                 r1 = min(r0 + tile_rows, B)
-                rows = (tiler.rows(block.row_input, r0, r1), tiler.rows(block.row_input, r0, r1, guide=True))
-                z = _masked_logits(tiler, block, options, rows, (r0, r1), (c0, c1), threshold[r0:r1])
-                g = torch.exp(z - lse[r0:r1, None]).mul_(scale[r0:r1, None])
-                col_grad.addmm_(g.T, rows[0])
+                rows = (
+                    tiler.shifted_rows(block.row_input, r0, r1, lse[r0:r1]),
+                    tiler.rows(block.row_input, r0, r1, guide=True),
+                )
+                p = _masked_logits(block, options, rows, cols, (r0, r1), (c0, c1), threshold[r0:r1]).exp_()
+                weighted_rows = tiler.rows(block.row_input, r0, r1).mul_(scale[r0:r1, None])
+                col_grad.addmm_(p.T, weighted_rows)
     # The target term -1 of G at (i, o + i): column side of AP gets -scale_i * â_i.
     o = options.offset
-    grads[POSITIVE][o : o + B] -= scale[:, None] * tiler.rows(ANCHOR, 0, B)
+    for r0 in range(0, B, tile_rows):
+        r1 = min(r0 + tile_rows, B)
+        grads[POSITIVE][o + r0 : o + r1].sub_(tiler.rows(ANCHOR, r0, r1).mul_(scale[r0:r1, None]))
 
 
-def _row_side(
+def _row_side_gradients(
     tiler: _Tiler,
+    inputs: GISTInputs,
     options: GISTOptions,
     mean_from_anchor: Tensor,
     mean_from_positive: Tensor | None,
     row_weight: Tensor,
-    grads: list[Tensor],
-) -> None:
-    """Add the row-side gradients: dâ_i += w_i/tau (E_a,i - p̂_{o+i}), dp̂_{o+i} += w_i/tau E_p,i."""
-    B, o = mean_from_anchor.shape[0], options.offset
+    tile_rows: int,
+) -> list[Tensor]:
+    """Gradients w.r.t. the normalised student inputs, row side only:
+    dâ_i = w_i/tau (E_a,i - p̂_{o+i}), dp̂_{o+i} = w_i/tau E_p,i, negatives 0.
+
+    Overwrites and returns `mean_from_anchor` (and `mean_from_positive` when it covers every
+    positive) as the anchor and positive gradients, so no further B x d buffers are needed."""
+    B, o = inputs.batch_size, options.offset
     scale = (row_weight / options.temperature)[:, None]
-    grads[ANCHOR] += scale * (mean_from_anchor - tiler.rows(POSITIVE, 0, B))
-    if mean_from_positive is not None:
-        grads[POSITIVE][o : o + B] += scale * mean_from_positive
+    anchor_grad = mean_from_anchor
+    for r0 in range(0, B, tile_rows):
+        r1 = min(r0 + tile_rows, B)
+        anchor_grad[r0:r1].sub_(tiler.rows(POSITIVE, r0, r1)).mul_(scale[r0:r1])
+    positive = inputs.positive
+    if mean_from_positive is not None and mean_from_positive.shape[0] == positive.shape[0]:
+        positive_grad = mean_from_positive.mul_(scale)  # P = B, so o = 0
+    else:
+        positive_grad = torch.zeros(positive.shape, device=positive.device, dtype=tiler.dtype)
+        if mean_from_positive is not None:
+            positive_grad[o : o + B].addcmul_(mean_from_positive, scale)
+    negative_grads = [torch.zeros(n.shape, device=n.device, dtype=tiler.dtype) for n in inputs.negatives]
+    return [anchor_grad, positive_grad, *negative_grads]
 
 
-def _through_normalisation(tiler: _Tiler, grads_hat: list[Tensor]) -> list[Tensor]:
-    """dx = (dx̂ - x̂ (x̂·dx̂)) / max(||x||, eps); below eps the norm is a constant and dx = dx̂ / eps."""
+def _through_normalisation(tiler: _Tiler, grads_hat: list[Tensor], tile_rows: int) -> list[Tensor]:
+    """dx = (dx̂ - x̂ (x̂·dx̂)) / max(||x||, eps); below eps the norm is a constant and dx = dx̂ / eps.
+
+    In place on `grads_hat`, a row tile at a time."""
     out = []
     for which, (x, g_hat) in enumerate(zip(tiler.student, grads_hat, strict=True)):
-        inv = tiler.inv_norm[which][:, None]
-        x_hat = x.detach().to(tiler.dtype) * inv
-        clamped = (x.detach().to(tiler.dtype).norm(dim=1) < NORM_EPS)[:, None]
-        projected = g_hat - x_hat * (x_hat * g_hat).sum(1, keepdim=True)
-        out.append(torch.where(clamped, g_hat, projected).mul_(inv).to(x.dtype))
+        for r0 in range(0, x.shape[0], tile_rows):
+            r1 = min(r0 + tile_rows, x.shape[0])
+            inv = tiler.inv_norm[which][r0:r1, None]
+            g = g_hat[r0:r1]
+            x_hat = x[r0:r1].detach().to(tiler.dtype) * inv
+            radial = x_hat.mul_((x_hat * g).sum(1, keepdim=True))
+            radial.masked_fill_((tiler.norm[which][r0:r1] < NORM_EPS)[:, None], 0.0)
+            g.sub_(radial).mul_(inv)
+        out.append(g_hat.to(x.dtype))
     return out
 
 
@@ -247,7 +333,7 @@ class _GISTTiledFunction(torch.autograd.Function):
         tile_rows, tile_cols = tiles
         with torch.no_grad():
             threshold, target_logit = _thresholds(tiler, options, tile_rows)
-            lse, e_a, e_p = _forward_pass(tiler, inputs, options, threshold, tile_rows, tile_cols)
+            lse, e_a, e_p = _forward_pass(tiler, inputs, options, threshold, target_logit, tile_rows, tile_cols)
             losses = lse - target_logit
             B = inputs.batch_size
             if options.reduction == "none":
@@ -267,7 +353,9 @@ class _GISTTiledFunction(torch.autograd.Function):
                 weight = torch.full(
                     (B,), 1.0 / B if options.reduction == "mean" else 1.0, device=lse.device, dtype=dtype
                 )
+                # e_a and e_p are not needed after this: their storage becomes the gradients.
                 grads = _all_gradients(tiler, inputs, options, lse, threshold, e_a, e_p, weight, tiles)
+                del e_a, e_p
                 ctx.save_for_backward(*grads)
                 ctx.deferred = False
         return loss
@@ -296,23 +384,29 @@ class _GISTTiledFunction(torch.autograd.Function):
                 ctx.options,
                 lse,
                 threshold,
-                e_a,
-                e_p if e_p.numel() else None,
+                e_a.clone(),  # saved tensors stay intact (retain_graph may call backward again)
+                e_p.clone() if e_p.numel() else None,
                 grad_out.to(lse.dtype),
                 ctx.tiles,
             )
         else:
-            grads = [g * grad_out.to(g.dtype) for g in ctx.saved_tensors]
+            grads = list(ctx.saved_tensors)
+            # loss.backward() sends exactly 1: hand the saved gradients over (autograd then
+            # releases them into .grad) instead of allocating scaled copies of all of them.
+            if not bool((grad_out == 1).all()):
+                grads = [g * grad_out.to(g.dtype) for g in grads]
         student = [g if ctx.needs_input_grad[3 + i] else None for i, g in enumerate(grads)]
         return (None, None, None, *student, *([None] * n_student))
 
 
 def _all_gradients(tiler, inputs, options, lse, threshold, e_a, e_p, weight, tiles) -> list[Tensor]:
-    """Row side plus column side, taken through the normalisation: one gradient per student input."""
-    grads_hat = [torch.zeros(t.shape, device=t.device, dtype=tiler.dtype) for t in inputs.student_tensors]
-    _row_side(tiler, options, e_a, e_p, weight, grads_hat)
-    _column_pass(tiler, inputs, options, lse, threshold, weight, grads_hat, *tiles)
-    return _through_normalisation(tiler, grads_hat)
+    """Row side plus column side, taken through the normalisation: one gradient per student input.
+
+    Consumes e_a and e_p (their storage becomes the anchor and positive gradients)."""
+    tile_rows, tile_cols = tiles
+    grads_hat = _row_side_gradients(tiler, inputs, options, e_a, e_p, weight, tile_rows)
+    _column_pass(tiler, inputs, options, lse, threshold, weight, grads_hat, tile_rows, tile_cols)
+    return _through_normalisation(tiler, grads_hat, tile_rows)
 
 
 def gist_loss_torch(
