@@ -101,6 +101,17 @@ def test_interrupt_and_resume_ends_where_an_uninterrupted_run_ends(tmp_path, mod
     assert any(r.get("event") == "resume" for r in log)
 
 
+def test_one_epoch_by_default_and_epochs_count(tmp_path, models):
+    steps = []
+    Trainer(_config(tmp_path, models, "e1", max_steps=None), callbacks=[lambda t, p, loss: steps.append(p)]).train()
+    assert len(steps) == 5 and {p.epoch for p in steps} == {0}  # 40 rows, batch 8, no duplicates
+    steps.clear()
+    Trainer(
+        _config(tmp_path, models, "e2", max_steps=None, epochs=2), callbacks=[lambda t, p, l: steps.append(p)]
+    ).train()
+    assert [p.epoch for p in steps] == [0] * 5 + [1] * 5
+
+
 def test_resume_refuses_a_different_run(tmp_path, models):
     Trainer(_config(tmp_path, models, "r", max_steps=3)).train()
     with pytest.raises(ValueError, match="batch_size"):

@@ -233,9 +233,8 @@ class Trainer:
 
         cfg = self.config
         sampler = NoDuplicatesBatches(train, cfg.batch_size, seed=cfg.seed, drop_last=cfg.drop_last)
-        schedule = BatchSchedule(sampler, epochs=cfg.epochs if cfg.max_steps is None else None, max_steps=cfg.max_steps)
-        if cfg.max_steps is None and cfg.epochs is None:
-            schedule = BatchSchedule(sampler, epochs=1)
+        epochs = (cfg.epochs if cfg.epochs is not None else 1) if cfg.max_steps is None else None  # default: 1 epoch
+        schedule = BatchSchedule(sampler, epochs=epochs, max_steps=cfg.max_steps)
         total = schedule.total_steps
         decay, no_decay = [], []
         for name, p in student.model.named_parameters():
