@@ -290,7 +290,7 @@ class Estimator:
         return memory, seconds, f"scaled from B={prev['batch']}"
 
 
-def run_one(method: str, batch: int, repeats: int, full_warmup: bool, timeout: float) -> dict:
+def run_one(method: str, batch: int, repeats: int, full_warmup: bool, timeout: float, threads: int | None) -> dict:
     cmd = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -304,7 +304,11 @@ def run_one(method: str, batch: int, repeats: int, full_warmup: bool, timeout: f
     ]
     if full_warmup:
         cmd.append("--full-warmup")
+    if threads is not None:
+        cmd += ["--threads", str(threads)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     t0 = time.perf_counter()
     load_before = os.getloadavg()[0]
     try:
@@ -373,8 +377,9 @@ def markdown(results: list[dict], meta: dict) -> str:
     lines = [
         f"# GIST loss on the CPU: forward+backward ({m['cores']} cores)",
         "",
-        f"- Machine: {m['cpu_model']}, {m['cores']} cores ({m['torch_threads']} torch threads), "
-        f"{m['mem_total_gb']} GB RAM ({m['mem_available_gb_at_start']} GB available at start)",
+        f"- Machine: {m['cpu_model']}, {m['cores']} cores, {m['mem_total_gb']} GB RAM "
+        f"({m['mem_available_gb_at_start']} GB available at start); torch threads per measurement: "
+        f"{meta['threads']}",
         f"- Versions: Python {m['python']}, torch {m['torch']}, sentence-transformers {m['sentence_transformers']}",
         f"- Date: {meta['date']}",
         f"- Command: `{meta['command']}`",
@@ -419,6 +424,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--tag", default=None, help="file name suffix (default <cores>core)")
     ap.add_argument("--mem-budget-gb", type=float, default=16.0, help="skip what would need more (default 16)")
     ap.add_argument("--max-run-seconds", type=float, default=1500.0, help="skip where one run would take longer")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads in every measurement (default: torch's own, one per core). On a CPU "
+        "shared with other jobs, 1 avoids OpenMP barrier stalls that dwarf the work at small B",
+    )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--full-warmup", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -443,6 +455,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
         sys.path.insert(0, str(HERE))
+        if args.threads is not None:
+            import torch
+
+            torch.set_num_threads(args.threads)
         result = worker(args.methods[0], args.batches[0], args.repeats or 1, args.full_warmup)
         print(json.dumps(result))
         return 0
@@ -454,6 +470,9 @@ def main(argv=None) -> int:
         "warmup": "a B = 64 run first in every subprocess, plus one full-size run where it is estimated under 60 s",
         "shapes": {"dim": DIM, "guide_dim": GUIDE_DIM, "negatives": 1, "dtype": "float32", "temperature": TEMPERATURE},
     }
+    meta["threads"] = (
+        args.threads if args.threads is not None else f"{meta['machine']['torch_threads']} (torch default)"
+    )
     print(f"machine: {meta['machine']}", file=sys.stderr)
     estimator = Estimator()
     results: list[dict] = []
@@ -480,14 +499,15 @@ def main(argv=None) -> int:
             if batch > 4096:  # one run takes minutes there: --repeats only lowers the default
                 repeats = min(repeats, default_repeats(batch))
             full_warmup = seconds < 60
-            timeout = max(120.0, 3 * seconds * (repeats + full_warmup) + 60)
+            # Generous: a shared CPU can be several times slower than the estimate.
+            timeout = max(900.0, 10 * seconds * (repeats + full_warmup + 1))
             print(
                 f"{method} B={batch}: est. {fmt_bytes(memory)}, {fmt_seconds(seconds)} a run ({basis}); "
                 f"{repeats} timed run(s){' + warm-up' if full_warmup else ''}",
                 file=sys.stderr,
                 flush=True,
             )
-            result = {**base, **run_one(method, batch, repeats, full_warmup, timeout)}
+            result = {**base, **run_one(method, batch, repeats, full_warmup, timeout, args.threads)}
             if result["status"] == "ok":
                 memory_method = result["memory_method"]
                 print(
