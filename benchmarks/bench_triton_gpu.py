@@ -64,8 +64,8 @@ from gist_fast.inputs import GISTInputs, GISTOptions, validate  # noqa: E402
 TEMPERATURE = 0.01
 OPTIONS = GISTOptions(temperature=TEMPERATURE, margin=0.0, contrast_anchors=True, contrast_positives=True)
 METHODS = ["triton", "torch", "reference", "compiled", "sentence-transformers"]
-TUNE_CONFIGS = [Blocks(64, 64, 64, warps=4), Blocks(64, 64, 64, warps=8), Blocks(128, 64, 64, warps=8),
-                Blocks(64, 128, 64, warps=8), Blocks(64, 64, 32, warps=4)]  # fmt: skip
+TUNE_CONFIGS = [Blocks(64, 64, 32, warps=8), Blocks(64, 64, 16, warps=8), Blocks(64, 64, 64, warps=8),
+                Blocks(64, 128, 32, warps=8), Blocks(128, 64, 32, warps=8), Blocks(64, 64, 32, warps=4)]  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------

@@ -63,7 +63,9 @@ class Blocks:
                 raise ValueError(f"block size {name}={v} must be a power of two >= 16")
 
 
-GPU_BLOCKS = Blocks(64, 64, 64)
+# 64 x 64 tiles, 32 features per dot step, 8 warps: an sm_90 build (triton 3.9) of this shape spills
+# least among those tried with BLOCK_K >= 32 (benchmarks/NOTES.md); bench_triton_gpu.py sweeps others.
+GPU_BLOCKS = Blocks(64, 64, 32, warps=8)
 INTERPRETER_BLOCKS = Blocks(16, 16, 16, programs=3)
 
 
@@ -172,10 +174,15 @@ class _Problem:
         )
 
 
+def _kernel_layout(t: Tensor) -> Tensor:
+    """`t` itself, unless its feature offsets (k * stride(1), 32-bit in the kernels) could overflow."""
+    return t.contiguous() if t.shape[1] * abs(t.stride(1)) >= 2**31 else t
+
+
 def _prepare(student: tuple[Tensor, ...], guide: tuple[Tensor, ...], options: GISTOptions) -> _Problem:
     s_dtype, g_dtype = _common_dtype(student), _common_dtype(guide)
-    student = tuple(t.detach().to(s_dtype) for t in student)
-    guide = tuple(t.detach().to(g_dtype) for t in guide)
+    student = tuple(_kernel_layout(t.detach().to(s_dtype)) for t in student)
+    guide = tuple(_kernel_layout(t.detach().to(g_dtype)) for t in guide)
     a, p, negs = student[0], student[1], student[2:]
     ga, gp, gnegs = guide[0], guide[1], guide[2:]
     B, o = a.shape[0], options.offset
