@@ -345,6 +345,7 @@ def environment(device: str) -> dict:
 
 def markdown(report: dict) -> str:
     env = report["environment"]
+    guide_dim = report["rows"][0]["dg"] if report["rows"] else "?"
     lines = [
         f"# Triton GIST loss benchmark: {env['device']}",
         "",
@@ -352,7 +353,7 @@ def markdown(report: dict) -> str:
         f"sentence-transformers {env['sentence_transformers']}, {env['date_utc']} UTC"
         + (" — **Triton interpreter on the CPU (smoke run, not a measurement)**" if env["interpreter"] else ""),
         "",
-        "Forward + backward, bf16, dg = 1024, one negative column, both contrast blocks (N = 4B), "
+        f"Forward + backward, bf16, dg = {guide_dim}, one negative column, both contrast blocks (N = 4B), "
         "temperature 0.01. Effective TFLOP/s = 2·B·N·(3d + dg) / time. Peak = max_memory_allocated "
         "above the inputs (gradients included); ratio = (inputs + peak) / (inputs + gradients).",
         f"Tiles: {report['blocks']}.",
@@ -404,9 +405,11 @@ def plot(report: dict, path: Path) -> str | None:
             ax.set_yscale("log")
             ax.set_xlabel("batch B")
             ax.set_ylabel(what)
-            ax.set_title(f"d = {dim}, dg = 1024, bf16")
+            guide_dim = next(r["dg"] for r in report["rows"] if r["d"] == dim)
+            ax.set_title(f"d = {dim}, dg = {guide_dim}, bf16 (missing points: OOM or skipped, see table)")
             ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=8)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
     fig.suptitle(f"GIST loss, {report['environment']['device']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -315,3 +315,27 @@ def test_kernels_build_for_sm90(dtype):
     assert run.returncode == 0, run.stderr[-3000:]
     lines = [line for line in run.stdout.splitlines() if "REG:" in line or ": ?" in line]
     assert len(lines) == 5, run.stdout
+
+
+def test_mixed_student_and_guide_dtypes():
+    """A float32 student with a float16 guide (a guide cached in half precision) and the reverse."""
+    rng = rng_for("triton-mixed")
+    problem = on_device(draw_problem(rng, 18, 12, 20, 1, options={"temperature": 0.05, "reduction": "sum"}))
+    for student_dtype, guide_dtype in ((torch.float32, torch.float16), (torch.float16, torch.float32)):
+        student = [t.to(student_dtype) for t in problem.student]
+        guide = [t.to(guide_dtype) for t in problem.guide]
+        # The oracle sees exactly the rounded values, in float64.
+        rounded = Problem([t.double() for t in student], [t.double() for t in guide], problem.options)
+        expected_loss, expected_grads = loss_and_grads(
+            lambda *a, **kw: gist_fast.gist_loss(*a, **kw, backend="reference"), rounded, torch.float64
+        )
+        s = [t.detach().requires_grad_() for t in student]
+        loss = gist_fast.gist_loss(
+            s[0], s[1], guide[0], guide[1], s[2:], guide[2:], backend="triton", **problem.options
+        )
+        grads = torch.autograd.grad(loss * problem_weight(problem), s)
+        tol = TOLERANCES[student_dtype]
+        assert_close_scaled(loss, expected_loss, tol["loss"], "loss (mixed)", floor=0.1 / 0.05)
+        for got, want in zip(grads, expected_grads, strict=True):
+            assert got.dtype == student_dtype
+            assert_close_scaled(got, want, tol["grad"], "grad (mixed)", floor=1e-2 / 0.05 * 18)
