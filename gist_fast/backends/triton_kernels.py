@@ -163,14 +163,21 @@ def _accumulate(
         a = tl.load(a_ptr, mask=k_mask[None, :], other=0.0)
         a = a * rescale[:, None] + peak * tl.dot(w, yv, input_precision=PRECISION)
         tl.store(a_ptr, a, mask=k_mask[None, :])
+    # The scratch is read next (next tile, epilogue) by code whose thread layout may differ:
+    # make this program's writes visible to all its threads first (the interpreter cannot show this race).
+    tl.debug_barrier()
 
 
 @triton.jit
 def _zero_scratch(acc, dim, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Zero this program's scratch slab; barriers order it after the previous tile's reads and
+    before the next reads, which other threads of the program may make."""
+    tl.debug_barrier()
     r = tl.arange(0, BLOCK_R)
     for k0 in range(0, dim, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         tl.store(acc + r[:, None] * dim + ks[None, :], tl.zeros([BLOCK_R, BLOCK_K], tl.float32), mask=ks[None, :] < dim)
+    tl.debug_barrier()
 
 
 @triton.jit
