@@ -21,9 +21,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from ..inputs import NORM_EPS, GISTInputs, GISTOptions
+
+DOUBLE_BACKWARD_ERROR = (
+    "gist_fast: the GIST loss does not support double backward (create_graph=True): its gradients are "
+    "computed by a fused two-pass algorithm, not by differentiable operations"
+)
 
 TILE_ROWS = 1024
 TILE_COLS = 2048
@@ -361,8 +365,9 @@ class _GISTTiledFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out: Tensor):
+        if torch.is_grad_enabled():
+            raise RuntimeError(DOUBLE_BACKWARD_ERROR)
         k = ctx.k
         n_student = 2 + k
         if not any(ctx.needs_input_grad[3 : 5 + k]):
