@@ -339,3 +339,14 @@ def test_mixed_student_and_guide_dtypes():
         for got, want in zip(grads, expected_grads, strict=True):
             assert got.dtype == student_dtype
             assert_close_scaled(got, want, tol["grad"], "grad (mixed)", floor=1e-2 / 0.05 * 18)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA tensors")
+def test_auto_backend_is_triton_on_cuda():
+    from gist_fast.backends import auto_backend
+
+    rng = rng_for("triton-auto")
+    problem = on_device(draw_problem(rng, 8, 16, 16, 1))
+    inputs, _ = validate(*problem.student[:2], *problem.guide[:2], problem.student[2:], problem.guide[2:],
+                         **DEFAULT_OPTIONS)  # fmt: skip
+    assert auto_backend(inputs) == "triton"
