@@ -350,3 +350,22 @@ def test_auto_backend_is_triton_on_cuda():
     inputs, _ = validate(*problem.student[:2], *problem.guide[:2], problem.student[2:], problem.guide[2:],
                          **DEFAULT_OPTIONS)  # fmt: skip
     assert auto_backend(inputs) == "triton"
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the CPU message")
+def test_cpu_tensors_without_interpreter_get_a_clear_error():
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, gist_fast\n"
+        "a, p = torch.randn(2, 4, 8).unbind(0)\n"
+        "try:\n"
+        "    gist_fast.gist_loss(a, p, a, p, backend='triton')\n"
+        "except RuntimeError as e:\n"
+        "    print('ERR', e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert "ERR" in run.stdout and "backend='torch'" in run.stdout, run.stdout + run.stderr
