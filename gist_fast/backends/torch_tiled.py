@@ -338,7 +338,9 @@ class _GISTTiledFunction(torch.autograd.Function):
         with torch.no_grad():
             threshold, target_logit = _thresholds(tiler, options, tile_rows)
             lse, e_a, e_p = _forward_pass(tiler, inputs, options, threshold, target_logit, tile_rows, tile_cols)
-            losses = lse - target_logit
+            # lse includes the target logit, so the exact loss is >= 0; round-off of a saturated
+            # softmax can dip below (-3e-5 in fp32 at tau = 0.01): clamping only removes error.
+            losses = (lse - target_logit).clamp_min_(0.0)
             B = inputs.batch_size
             if options.reduction == "none":
                 loss = losses
