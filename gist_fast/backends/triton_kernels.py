@@ -22,11 +22,13 @@ row norms, so no normalised copy of any input is made:
   same way. Deterministic: each output row is written by exactly one program.
 - Both passes end by taking their gradient through the normalisation,
   dx = (dx_hat - x_hat (x_hat . dx_hat)) / max(|x|, eps), which is linear, so the row-side part
-  (pass 1) and the column-side part (pass 2) can be added in either order.
+  (pass 1, stored in the input dtype) and the column-side part (pass 2, added in fp32 to it) can be
+  computed apart.
 - `row_dots_kernel`: sum_k x_ik y_ik in fp32, for the norms and the thresholds.
 
-Programs are persistent (grid = a few per SM, each loops over tiles), so the scratch is
-`programs x BLOCK x d` floats whatever B is.
+Programs are persistent (grid = one per SM, each loops over tiles), so the scratch is
+`programs x BLOCK x d` floats whatever B is. Its reads and writes are separated by CTA barriers:
+different call sites may map an element to different threads.
 """
 
 from __future__ import annotations
