@@ -149,10 +149,24 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_libraries() -> None:
+    """Hide the per-file bars of transformers and datasets (loading weights, writing shards, splits):
+    the command shows its own bars for the work that takes time."""
+    try:
+        import datasets
+        import transformers.utils.logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+    except ImportError:  # the train extra is missing; the command says so when it needs it
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``gist-fast`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_libraries()
     try:
         if args.command == "train":
             return _train(args)
