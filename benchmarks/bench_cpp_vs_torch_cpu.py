@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import shlex
 import statistics
@@ -99,17 +100,21 @@ def write_markdown(path: Path, doc: dict) -> None:
     lines = [
         "# C++ backend vs torch backend, CPU",
         "",
-        f"CPU: {doc['machine']['cpu']}, {doc['machine']['threads']} threads; torch {doc['machine']['torch']}, "
+        f"CPU: {doc['machine']['cpu']}, {doc['machine']['cores']} cores; torch {doc['machine']['torch']}, "
         f"Python {doc['machine']['python']}.",
         f"Shapes: d = dg = {DIM}, one negative, both contrast blocks (N = 4B), fp32, mean, forward + backward; "
         "alternating runs in one process, median of the repeats.",
         "",
     ]
     for label, run in doc["runs"].items():
+        dirty = (", ".join(run["uncommitted"]) or "none") if "uncommitted" in run else "not recorded"
         lines += [
             f"## {label}",
             "",
-            f"`{run['command']}` ({run['date']}, commit {run.get('commit', '?')})",
+            f"`{run['command']}` ({run['date']}, commit {run.get('commit', '?')}; uncommitted: {dirty}; "
+            f"load average before/after: {run.get('load_average_before', '?')} / {run.get('load_average_after', '?')})",
+            "",
+            f"Threads: {run.get('threads', doc['machine']['cores'])}. {run.get('note', '')}".rstrip(),
             "",
             "| B | torch (s) | cpp (s) | torch / cpp | cpp GFLOP/s (useful) | repeats |",
             "| --- | --- | --- | --- | --- | --- |",
@@ -129,18 +134,27 @@ def main() -> None:
     parser.add_argument("--batches", default="1024,4096,16384")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--label", default="latest")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     load_extension()
     import subprocess
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--", "gist_fast", "csrc"], capture_output=True, text=True, cwd=HERE
+    ).stdout.split()[1::2]
     run = {
         "command": shlex.join([".venv/bin/python", "benchmarks/bench_cpp_vs_torch_cpu.py", *sys.argv[1:]]),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "commit": commit.strip(),
+        "uncommitted": dirty,  # backends measured as they were in the working tree
+        "load_average_before": os.getloadavg(),
         "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
         "results": [],
     }
     for batch in [int(b) for b in args.batches.split(",")]:
@@ -153,11 +167,12 @@ def main() -> None:
         )
 
     args.out.mkdir(parents=True, exist_ok=True)
+    run["load_average_after"] = os.getloadavg()
     json_path = args.out / "cpp_vs_torch_cpu.json"
     doc = json.loads(json_path.read_text()) if json_path.exists() else {"runs": {}}
     doc["machine"] = {
         "cpu": cpu_model(),
-        "threads": torch.get_num_threads(),
+        "cores": os.cpu_count(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
