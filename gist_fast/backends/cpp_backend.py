@@ -92,6 +92,12 @@ def _ensure_toolchain() -> None:
         )
 
 
+def _openmp_flags() -> list[str]:
+    """OpenMP spreads the tiles over threads (at::get_num_threads() of them). Apple's clang has no
+    -fopenmp: there the kernel runs on one thread."""
+    return [] if sys.platform == "darwin" else ["-fopenmp"]
+
+
 def load_extension():
     """Compile (first call only, cached on disk) and import the C++ extension."""
     global _EXTENSION
@@ -109,8 +115,8 @@ def load_extension():
                 _EXTENSION = cpp_extension.load(
                     name="gist_fast_cpu",
                     sources=sources,
-                    extra_cflags=["-O3", "-fopenmp", "-fno-math-errno"],
-                    extra_ldflags=["-fopenmp"],
+                    extra_cflags=["-O3", "-fno-math-errno", *_openmp_flags()],
+                    extra_ldflags=_openmp_flags(),
                     build_directory=str(directory),
                     verbose=os.environ.get("GIST_FAST_VERBOSE_BUILD", "") == "1",
                 )
