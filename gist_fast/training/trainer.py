@@ -213,9 +213,10 @@ class Trainer:
             if held is not None:
                 self.results["after"] = self._evaluate(student, held, log, "after")
                 if "before" in self.results:
-                    self._say(
-                        f"ndcg@10: {self.results['before']['ndcg@10']:.4f} -> {self.results['after']['ndcg@10']:.4f}"
-                    )
+                    before, after = self.results["before"]["ndcg@10"], self.results["after"]["ndcg@10"]
+                    self.results["improved"] = after > before
+                    note = "" if after > before else "  (warning: the student did not improve on the held-out set)"
+                    self._say(f"ndcg@10: {before:.4f} -> {after:.4f}{note}")
         finally:
             log.close()
         self.results["output"] = str(self.output)
