@@ -2,6 +2,7 @@
 guide cache is computed once and keyed; the saved model is the trained one."""
 
 import json
+import math
 import os
 import signal
 
@@ -203,3 +204,14 @@ def test_guide_cache_resumes_from_shards(tmp_path, monkeypatch):
     table = load_or_compute_guide(guide, data, tmp_path / "c", batch_size=2, progress=False)
     assert sum(calls) == 90 - 32  # the two finished shards were not recomputed
     torch.testing.assert_close(table.table, real_encode(data.unique_texts()), rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_path_runs(tmp_path, models):
+    """The CUDA configuration's code path (bf16 autocast, bf16 guide table) exercised on the CPU."""
+    cfg = _config(tmp_path, models, "bf16", bf16="on", max_steps=2, eval_data=str(tmp_path / "train.jsonl"))
+    results = Trainer(cfg).train()
+    assert results["steps"] == 2 and 0 <= results["after"]["ndcg@10"] <= 1
+    log = [json.loads(line) for line in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in log if "loss" in r)
+    (cache,) = (tmp_path / "cache").glob("guide-*.pt")
+    assert torch.load(cache, weights_only=True)["table"].dtype == torch.bfloat16
