@@ -307,6 +307,17 @@ def test_inputs_not_modified_and_only_requested_grads():
         assert torch.equal(gist_fast.gist_loss(s[0], s[1], g[0], g[1], s[2:], g[2:], backend="cpp"), loss.detach())
 
 
+def test_extension_available_and_missing_compiler_is_explained(monkeypatch):
+    from gist_fast.backends import cpp_backend
+
+    assert cpp_backend.extension_available()
+    monkeypatch.setattr(cpp_backend, "_EXTENSION", None)
+    monkeypatch.setenv("CXX", "no-such-compiler-gist-fast")
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+        cpp_backend.load_extension()
+    assert not cpp_backend.extension_available()
+
+
 def test_bad_tiles_and_devices_are_refused():
     inputs, opts = validate(
         *torch.randn(4, 2, 3).unbind(0), None, None, temperature=0.1, margin_strategy="absolute", margin=0.0,

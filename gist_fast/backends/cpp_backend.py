@@ -128,6 +128,16 @@ def load_extension():
     return _EXTENSION
 
 
+def extension_available() -> bool:
+    """Whether backend='cpp' can run here: builds the extension on the first call (a minute on two
+    cores, then cached on disk) and says False instead of raising when it cannot be built."""
+    try:
+        load_extension()
+    except RuntimeError:
+        return False
+    return True
+
+
 def _compute_dtype(tensors) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
