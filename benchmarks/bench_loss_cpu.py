@@ -9,7 +9,8 @@ Every (method, B) runs in a fresh subprocess, so one measurement's allocations c
 raise another's. In the subprocess:
 
 1. a tiny warm-up (B = 64) initialises the thread pools and kernels;
-2. the inputs are built (seeded, identical for every method), then the peak-RSS counter is reset
+2. the inputs are built (seeded, identical for every method), freed heap memory is handed back to
+   the OS (glibc ``malloc_trim(0)``), then the peak-RSS counter is reset
    (``echo 5 > /proc/self/clear_refs``, which sets VmHWM to the current VmRSS) and the current RSS
    is the baseline;
 3. a full-size warm-up run (when one run is estimated under 60 s), then the timed repeats of
@@ -159,6 +160,17 @@ def _status_kb(field: str) -> float | None:
     return None
 
 
+def _release_free_heap() -> None:
+    """Give malloc's freed-but-resident memory back to the OS (glibc), so that the baseline RSS holds
+    no free heap for the measured run to reuse unseen (input building frees B x d temporaries)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _reset_peak_rss() -> bool:
     try:
         Path("/proc/self/clear_refs").write_text("5")
@@ -223,6 +235,7 @@ def worker(method: str, batch: int, repeats: int, full_warmup: bool) -> dict:
     del small
 
     student, guide = make_inputs(batch)
+    _release_free_heap()
     peak_reset = _reset_peak_rss()
     rss_before_kb = _status_kb("VmRSS")
     maxrss_before_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
