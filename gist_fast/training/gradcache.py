@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import gist_loss
+from .distributed import global_anchor_block
 from .encoders import Encoder, autocast
 
 
@@ -39,6 +40,7 @@ class LossOptions:
     contrast_anchors: bool = True
     contrast_positives: bool = True
     backend: str = "auto"
+    gather_across_devices: bool = False
 
     def kwargs(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -181,6 +183,8 @@ def gradcache_step(
     cols = reps.split(batch)
     negatives = list(cols[2:]) or None
     guide_neg = list(guide_columns[2:]) or None
+    # under torch.distributed: anchors contrasted with every rank's anchors (the global batch's loss)
+    negatives, guide_neg, opts = global_anchor_block(cols[0], guide_columns[0], negatives, guide_neg, opts)
     loss = gist_loss(cols[0], cols[1], guide_columns[0], guide_columns[1], negatives, guide_neg, **opts)
     if not torch.isfinite(loss):
         raise NonFiniteLossError(f"the loss is {loss.item()}")

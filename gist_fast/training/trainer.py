@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from . import distributed as dtrain
 from .checkpoint import latest_checkpoint, load_state, prune_checkpoints, save_checkpoint
 from .config import TrainConfig
 from .data import BatchSchedule, NoDuplicatesBatches, PairData, load_pairs
@@ -49,6 +50,16 @@ def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
         return max(0.0, (total - step) / max(1, total - warmup))
 
     return factor
+
+
+class _NullLog:
+    """The metrics log of ranks other than 0 (only rank 0 writes files)."""
+
+    def write(self, **record: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class MetricsLog:
@@ -101,7 +112,10 @@ class Trainer:
         self._train_in = train_data
         self._eval_in = eval_data
         self.callbacks = list(callbacks or [])
-        self.device = resolve_device(config.device)
+        # under torchrun: join the process group, one device per process (see distributed.py)
+        self.dist, device_name = dtrain.setup(config.device)
+        dtrain.check_batch_size(self.dist, config.batch_size)
+        self.device = resolve_device(device_name)
         use_bf16 = config.bf16 == "on" or (config.bf16 == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         self.student: Encoder | None = None
@@ -110,7 +124,7 @@ class Trainer:
 
     # ----------------------------------------------------------------- setup
     def _say(self, msg: str) -> None:
-        if self.config.progress:
+        if self.config.progress and self.dist.is_main:
             from tqdm.auto import tqdm
 
             tqdm.write(msg)
@@ -133,7 +147,10 @@ class Trainer:
         if train is None and cfg.data is None:
             from .stdlib_data import write_stdlib_splits
 
-            train_path, eval_path = write_stdlib_splits(self.output / "data")
+            if self.dist.is_main:
+                train_path, eval_path = write_stdlib_splits(self.output / "data")
+            else:  # rank 0 wrote them before the other ranks got here (see train)
+                train_path, eval_path = self.output / "data" / "train.jsonl", self.output / "data" / "eval.jsonl"
             self._say(f"data: standard-library docstrings -> {train_path} and {eval_path} (held out)")
             train = str(train_path)
             if held is None and cfg.eval_data is None:
@@ -171,36 +188,49 @@ class Trainer:
             torch.set_num_threads(1)
             self._say(f"the CPU is busy (load {os.getloadavg()[0]:.1f}): using 1 thread (set --threads to override)")
         torch.manual_seed(cfg.seed)
+        info = self.dist
+        progress = cfg.progress and info.is_main  # bars and messages on rank 0 only
+        # rank 0 writes the default student and data first; the other ranks then read them
+        if not info.is_main:
+            dtrain.barrier(info)
         student_src, guide_src, train_src, eval_src = self._prepare_defaults()
+        if info.is_main:
+            dtrain.barrier(info)
         train = self._load_data(train_src, "train", cfg.max_train_rows)
         held = self._load_data(eval_src, "eval") if eval_src is not None else None
         self._say(f"train: {len(train)} pairs, {len(train.negatives)} negative column(s) from {train.source}")
 
-        resume_from = latest_checkpoint(self.output) if cfg.resume else None
+        resume_from = dtrain.broadcast_object(info, latest_checkpoint(self.output) if cfg.resume else None)
         if cfg.resume and resume_from is None:
             self._say(f"--resume: no checkpoint under {self.output / 'checkpoints'}; starting from scratch")
         student = load_encoder(
             resume_from / "model" if resume_from else student_src, max_seq_length=cfg.max_seq_length, device=self.device
         )
         self.student = student
+        dtrain.broadcast_parameters(info, student.model)  # every rank starts from rank 0's weights
         if cfg.gradient_checkpointing:
             enable_checkpointing(student.model)
 
         guide = load_encoder(guide_src, max_seq_length=cfg.guide_max_seq_length, device=self.device)
         guide.eval().requires_grad_(False)
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else self.output / "cache"
+        # computed once: rank 0 fills the cache while the other ranks wait, then they read it
+        if not info.is_main:
+            dtrain.barrier(info)
         table = load_or_compute_guide(
             guide,
             train,
             cache_dir,
             batch_size=cfg.guide_batch_size,
             dtype=self.autocast_dtype,
-            progress=cfg.progress,
+            progress=progress,
         )
-        log = MetricsLog(self.output / "metrics.jsonl")
+        if info.is_main:
+            dtrain.barrier(info)
+        log = MetricsLog(self.output / "metrics.jsonl") if info.is_main else _NullLog()
         log.write(event="start", resume_from=str(resume_from) if resume_from else None, config=cfg.to_dict())
         try:
-            if held is not None and resume_from is None:
+            if held is not None and resume_from is None and info.is_main:
                 if cfg.eval_guide:
                     self.results["guide"] = self._evaluate(guide, held, log, "guide")
                 self.results["before"] = self._evaluate(student, held, log, "before")
@@ -208,9 +238,10 @@ class Trainer:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             self._loop(student, train, table, log, resume_from)
-            student.save(self.output)
+            if info.is_main:
+                student.save(self.output)
             self._say(f"final model saved in {self.output}")
-            if held is not None:
+            if held is not None and info.is_main:
                 self.results["after"] = self._evaluate(student, held, log, "after")
                 if "before" in self.results:
                     before, after = self.results["before"]["ndcg@10"], self.results["after"]["ndcg@10"]
@@ -220,7 +251,8 @@ class Trainer:
         finally:
             log.close()
         self.results["output"] = str(self.output)
-        _atomic_write_text(self.output / "results.json", json.dumps(self.results, indent=2) + "\n")
+        if info.is_main:
+            _atomic_write_text(self.output / "results.json", json.dumps(self.results, indent=2) + "\n")
         return self.results
 
     def _evaluate(self, encoder: Encoder, held: PairData, log: MetricsLog, when: str) -> dict:
@@ -266,6 +298,7 @@ class Trainer:
             contrast_anchors=cfg.contrast_anchors,
             contrast_positives=cfg.contrast_positives,
             backend=cfg.loss_backend,
+            gather_across_devices=self.dist.enabled,  # each rank scores its anchors against all ranks' candidates
         )
         student.train()
         columns = train.columns()
@@ -283,12 +316,20 @@ class Trainer:
         in_main = _is_main_thread()
         if in_main:
             signal.signal(signal.SIGINT, on_sigint)
-        bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not cfg.progress)
+        info = self.dist
+        bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not (cfg.progress and info.is_main))
+        params = [p for g in optimizer.param_groups for p in g["params"]]
         t0 = time.perf_counter()
         seen = 0
         try:
             for pos, rows in schedule.iterate(start):
                 t_step = time.perf_counter()
+                global_rows, rows = len(rows), dtrain.shard_rows(info, rows)  # this rank's slice of the batch
+                if not rows:  # fewer rows than processes (an epoch's end): nothing to contrast, no update
+                    scheduler.step()
+                    log.write(event="skip", step=pos.step + 1, rows=global_rows)
+                    bar.update(1)
+                    continue
                 batch_cols = [[col[i] for i in rows] for col in columns]
                 guide_cols = table.batch(rows, self.device)
                 try:
@@ -300,7 +341,8 @@ class Trainer:
                         loss_options=loss_options,
                         autocast_dtype=self.autocast_dtype,
                     )
-                    params = [p for g in optimizer.param_groups for p in g["params"]]
+                    dtrain.all_reduce_gradients(info, params)  # the mean over ranks: the global batch's gradient
+                    loss = dtrain.mean_over_ranks(info, loss)  # the global batch's loss, for the log
                     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
                     if not torch.isfinite(grad_norm):
@@ -318,7 +360,7 @@ class Trainer:
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step = pos.step + 1
-                seen += len(rows)
+                seen += len(rows) * info.world
                 dt = time.perf_counter() - t_step
                 rate = seen / (time.perf_counter() - t0)
                 log.write(
@@ -327,7 +369,7 @@ class Trainer:
                     loss=loss.item(),
                     lr=scheduler.get_last_lr()[0],
                     grad_norm=grad_norm.item(),
-                    rows=len(rows),
+                    rows=len(rows) * info.world,
                     step_s=round(dt, 4),
                     samples_per_s=round(rate, 3),
                 )
@@ -336,10 +378,13 @@ class Trainer:
                 for cb in self.callbacks:
                     cb(self, pos, loss)
                 is_last = step == total
+                self._stop_requested = dtrain.any_rank(info, self._stop_requested)  # all ranks stop together
                 if (cfg.save_steps and step % cfg.save_steps == 0 and not is_last) or self._stop_requested:
-                    last_ckpt = save_checkpoint(self.output, student, optimizer, scheduler, step, identity)
-                    prune_checkpoints(self.output, cfg.save_total_limit, keep=last_ckpt)
-                    log.write(event="checkpoint", step=step, path=str(last_ckpt))
+                    if info.is_main:
+                        last_ckpt = save_checkpoint(self.output, student, optimizer, scheduler, step, identity)
+                        prune_checkpoints(self.output, cfg.save_total_limit, keep=last_ckpt)
+                        log.write(event="checkpoint", step=step, path=str(last_ckpt))
+                    last_ckpt = dtrain.broadcast_object(info, last_ckpt)
                 if self._stop_requested and not is_last:
                     raise TrainingInterrupted(
                         f"interrupted after step {step}/{total}; checkpoint saved in {last_ckpt} "
