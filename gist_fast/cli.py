@@ -104,13 +104,15 @@ def train_config_from_args(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .training import distributed as dtrain
     from .training.evaluation import format_metrics
     from .training.gradcache import NonFiniteLossError
     from .training.trainer import Trainer, TrainingInterrupted
 
     config = train_config_from_args(args)
     try:
-        results = Trainer(config).train()
+        trainer = Trainer(config)  # under torchrun: joins the process group (see training/distributed.py)
+        results = trainer.train()
     except TrainingInterrupted as e:
         print(f"gist-fast train: {e}", file=sys.stderr)
         return 130
@@ -120,6 +122,10 @@ def _train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("gist-fast train: aborted; the checkpoints on disk are kept (continue with --resume)", file=sys.stderr)
         return 130
+    finally:
+        dtrain.cleanup()
+    if not trainer.dist.is_main:  # under torchrun, rank 0 reports
+        return 0
     for when in ("guide", "before", "after"):
         if when in results:
             print(f"{when:>6}: {format_metrics(results[when])}")

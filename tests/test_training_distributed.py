@@ -1,0 +1,150 @@
+"""Training under ``torchrun --nproc_per_node 2`` (CPU, gloo) equals one process with the same global batch.
+
+A few GradCache steps of a tiny student (dropout off) run once in this process and once under
+torchrun: each rank encodes half of every batch of 8 rows (mini-batches of 3 texts, so the two runs
+cut their mini-batches differently), the loss gathers the candidates (and the anchors) over the
+ranks, and the gradients are averaged once per step. Checked: both ranks end with bit-identical
+parameters, rank 0's saved model is that model, and it equals the single-process model to float32
+round-off; the logged per-step loss and (unclipped) gradient norm equal the single-process ones,
+which a wrong gradient scale (e.g. a sum over ranks instead of a mean) would break even though
+AdamW's update hides most of it. A second torchrun run, started through the ``gist-fast`` command
+from a copy of the first run's step-2 checkpoint with ``--resume``, ends at the same model. Only
+rank 0 writes the metrics log, checkpoints and the final model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gist_fast.cli import build_parser, train_config_from_args
+from gist_fast.training import Trainer, load_encoder
+from gist_fast.training.testing import make_tiny_encoder
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+
+WORDS = ["value", "file", "path", "list", "dict", "string", "error", "module", "class", "data", "time", "name"]
+STEPS = 4
+
+# Run under torchrun: train with the command's arguments, then dump this rank's parameters.
+RANK_SCRIPT = """
+import os, sys
+import torch
+from gist_fast.cli import build_parser, train_config_from_args
+from gist_fast.training import Trainer
+from gist_fast.training import distributed as dtrain
+
+dump_dir, argv = sys.argv[1], sys.argv[2:]
+trainer = Trainer(train_config_from_args(build_parser().parse_args(argv)))
+trainer.train()
+assert trainer.dist.world == int(os.environ["WORLD_SIZE"]) == 2, trainer.dist
+state = {k: v.detach().cpu().clone() for k, v in trainer.student.model.state_dict().items()}
+torch.save(state, os.path.join(dump_dir, f"rank{trainer.dist.rank}.pt"))
+dtrain.cleanup()
+"""
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    make_tiny_encoder(tmp_path / "s", dropout=0.0, seed=0).save(tmp_path / "student")
+    make_tiny_encoder(tmp_path / "g", hidden_size=24, seed=1, normalize=True).save(tmp_path / "guide")
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(32):
+        a, b, c = (WORDS[int(j)] for j in torch.randint(0, len(WORDS), (3,), generator=g))
+        rows.append({"anchor": f"{a} {b} {i}", "positive": f"the {a} of the {b} and {c} {i}", "negative": f"{c} {i}"})
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "rank_script.py").write_text(RANK_SCRIPT)
+    return tmp_path
+
+
+def _args(p: Path, output: str, *extra: str) -> list[str]:
+    return [
+        "train", "--student", str(p / "student"), "--guide", str(p / "guide"), "--data", str(p / "train.jsonl"),
+        "--output", str(p / output), "--cache-dir", str(p / "cache"), "--batch-size", "8", "--mini-batch-size", "3",
+        "--max-steps", str(STEPS), "--save-steps", "2", "--lr", "2e-3", "--warmup-steps", "1", "--max-seq-length", "16",
+        "--temperature", "0.05", "--margin", "0.05", "--loss-backend", "torch", "--device", "cpu", "--threads", "1",
+        "--no-progress", *extra,
+    ]  # fmt: skip
+
+
+def _torchrun(p: Path, *command: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", GIST_FAST_DIST_TIMEOUT_S="120", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *command]
+    proc = subprocess.run(cmd, cwd=p, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    return proc
+
+
+def _log(path: Path) -> list[dict]:
+    return [r for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
+
+
+def _rel_diff(a: dict, b: dict) -> float:
+    """max over tensors of |a - b| / max(|b|) ... as one number: ||a - b|| / ||b|| over all parameters."""
+    num = sum(float((a[k].double() - b[k].double()).square().sum()) for k in b)
+    den = sum(float(b[k].double().square().sum()) for k in b)
+    return (num / den) ** 0.5
+
+
+def _max_abs(a: dict, b: dict) -> float:
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in b)
+
+
+def test_torchrun_two_ranks_equal_one_process_with_the_same_global_batch(setup):
+    p = setup
+    start = load_encoder(str(p / "student")).model.state_dict()
+    # one process, the whole batch of 8 rows per step
+    single_args = _args(p, "single")
+    Trainer(train_config_from_args(build_parser().parse_args(single_args))).train()
+    single = load_encoder(str(p / "single")).model.state_dict()
+    assert _rel_diff(start, single) > 1e-3  # training moved the weights (the comparison below means something)
+
+    # two processes, 4 rows each per step
+    _torchrun(p, str(p / "rank_script.py"), str(p), *_args(p, "ddp"))
+    rank0 = torch.load(p / "rank0.pt", weights_only=True)
+    rank1 = torch.load(p / "rank1.pt", weights_only=True)
+    for k in rank0:
+        assert torch.equal(rank0[k], rank1[k]), f"{k} differs between the ranks"
+    saved = load_encoder(str(p / "ddp")).model.state_dict()
+    for k in saved:
+        assert torch.equal(saved[k], rank0[k]), f"rank 0's saved model differs from its parameters at {k}"
+
+    update = _rel_diff(single, start)
+    err = _rel_diff(saved, single)
+    assert err < 1e-5, f"||ddp - single|| / ||single|| = {err:.2e} (the update itself is {update:.2e})"
+    assert _max_abs(saved, single) < 1e-5
+
+    # the same loss and gradient norm at every step (a gradient scale error shows here)
+    want, got = _log(p / "single" / "metrics.jsonl"), _log(p / "ddp" / "metrics.jsonl")
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1)) and [r["rows"] for r in got] == [8] * STEPS
+    for w, g in zip(want, got, strict=True):
+        assert g["loss"] == pytest.approx(w["loss"], rel=1e-5), (w, g)
+        assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-4), (w, g)
+    lines = (p / "ddp" / "metrics.jsonl").read_text().splitlines()
+    assert sum('"event": "start"' in line for line in lines) == 1  # rank 0 alone writes the log
+    assert sorted(c.name for c in (p / "ddp" / "checkpoints").glob("step-*")) == ["step-00000002"]
+
+    # resume under torchrun through the command, from a copy of the step-2 checkpoint
+    shutil.copytree(p / "ddp" / "checkpoints", p / "resumed" / "checkpoints")
+    proc = _torchrun(p, "-m", "gist_fast.cli", *_args(p, "resumed", "--resume"))
+    assert proc.stdout.count("model: ") == 1  # rank 0 alone prints the result
+    resumed = load_encoder(str(p / "resumed")).model.state_dict()
+    assert _max_abs(resumed, saved) < 1e-6, _max_abs(resumed, saved)
+    assert [r["step"] for r in _log(p / "resumed" / "metrics.jsonl")] == [3, 4]
