@@ -52,7 +52,9 @@ def gist_loss(
         contrast_positives: add the positive-positive block.
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (a (B,) tensor).
         backend: ``"auto"`` (Triton on CUDA, else tiled PyTorch), ``"torch"`` (tiled, memory linear
-            in B), ``"reference"`` (materialised, readable), or another registered backend.
+            in B, any device), ``"triton"`` (fused GPU kernels), ``"cpp"`` (native C++ CPU kernel,
+            compiled with ninja on first use; 1.4-2.7x faster than ``"torch"`` on a 2-core CPU),
+            ``"reference"`` (materialised, readable), or another registered backend.
         gather_across_devices: when True and torch.distributed is initialised with more than one
             process, score this process's B anchors against the candidates of all W processes:
             ``positive``, ``negatives`` and their guide embeddings are all-gathered (P = W·B rows,
