@@ -25,8 +25,8 @@ import pytest
 import torch
 
 from gist_fast.cli import build_parser, train_config_from_args
-from gist_fast.training import Trainer, load_encoder
-from gist_fast.training.testing import make_tiny_encoder
+from gist_fast.training import Trainer, load_encoder, testing
+from gist_fast.training.testing import make_tiny_encoder, make_tiny_tokenizer
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 
@@ -59,8 +59,21 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def _tiny_tokenizer(directory):
+    """``make_tiny_tokenizer``, with its vocabulary: under transformers 5, ``BertTokenizerFast(vocab_file=...)``
+    keeps only the special tokens, so every word would be [UNK] and every text the same embedding."""
+    from transformers import BertTokenizerFast
+
+    tok = make_tiny_tokenizer(directory)
+    words = (Path(directory) / "vocab.txt").read_text().split()
+    if len(tok.get_vocab()) < len(words):
+        tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True)
+    return tok
+
+
 @pytest.fixture
-def setup(tmp_path):
+def setup(tmp_path, monkeypatch):
+    monkeypatch.setattr(testing, "make_tiny_tokenizer", _tiny_tokenizer)
     make_tiny_encoder(tmp_path / "s", dropout=0.0, seed=0).save(tmp_path / "student")
     make_tiny_encoder(tmp_path / "g", hidden_size=24, seed=1, normalize=True).save(tmp_path / "guide")
     g = torch.Generator().manual_seed(0)
