@@ -306,12 +306,23 @@ class Trainer:
         previous = signal.getsignal(signal.SIGINT)
         self._stop_requested = False
 
+        first_sigint = [0.0]
+
         def on_sigint(signum, frame):
-            if self._stop_requested:  # second Ctrl-C: abort now, keep the checkpoints on disk
+            # under torchrun a terminal's Ctrl-C reaches each worker twice at once (from the terminal, and
+            # forwarded by torchrun, which kills the workers 30 s later): count those as one
+            repeat = self.dist.enabled and time.monotonic() - first_sigint[0] < 2.0
+            if self._stop_requested and not repeat:  # second Ctrl-C: abort now, keep the checkpoints on disk
                 signal.signal(signal.SIGINT, previous)
                 raise KeyboardInterrupt
+            if self._stop_requested:
+                return
             self._stop_requested = True
-            tqdm.write("Ctrl-C: finishing this step, then saving a checkpoint (press again to abort without saving)")
+            first_sigint[0] = time.monotonic()
+            if self.dist.is_main:
+                tqdm.write(
+                    "Ctrl-C: finishing this step, then saving a checkpoint (press again to abort without saving)"
+                )
 
         in_main = _is_main_thread()
         if in_main:
