@@ -26,6 +26,7 @@ import torch
 
 from gist_fast.cli import build_parser, train_config_from_args
 from gist_fast.training import Trainer, load_encoder, testing
+from gist_fast.training import distributed as dtrain
 from gist_fast.training.testing import make_tiny_encoder, make_tiny_tokenizer
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
@@ -161,3 +162,49 @@ def test_torchrun_two_ranks_equal_one_process_with_the_same_global_batch(setup):
     resumed = load_encoder(str(p / "resumed")).model.state_dict()
     assert _max_abs(resumed, saved) < 1e-6, _max_abs(resumed, saved)
     assert [r["step"] for r in _log(p / "resumed" / "metrics.jsonl")] == [3, 4]
+
+
+def test_anchors_as_a_gathered_candidate_column_give_the_anchor_block():
+    """What ``global_anchor_block`` relies on: the anchors passed as one more negative column (with the
+    guide's anchors) and ``contrast_anchors=False`` give the loss and gradients of ``contrast_anchors=True``."""
+    import gist_fast
+
+    g = torch.Generator().manual_seed(3)
+    a, p, n = (torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    ga, gp, gn = (torch.randn(6, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    ga = ga + 2 * gp  # guide anchors close to their positives: some candidates are masked, some kept
+    for options in ({"margin": 0.05}, {"margin_strategy": "relative", "margin": 0.1, "contrast_positives": False}):
+        want = gist_fast.gist_loss(a, p, ga, gp, n, gn, temperature=0.1, **options)
+        got = gist_fast.gist_loss(a, p, ga, gp, [a, n], [ga, gn], temperature=0.1, contrast_anchors=False, **options)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+        for x, y in zip(torch.autograd.grad(want, (a, p, n)), torch.autograd.grad(got, (a, p, n)), strict=True):
+            torch.testing.assert_close(y, x, rtol=1e-10, atol=1e-12)
+
+
+def test_shards_and_batch_size_check():
+    info = dtrain.DistInfo(rank=1, world=3)
+    assert dtrain.shard_rows(info, list(range(9))) == [3, 4, 5]
+    assert dtrain.shard_rows(info, list(range(8))) == [2, 3]  # a short batch loses 8 % 3 rows
+    assert dtrain.shard_rows(info, [7, 8]) == []  # fewer rows than processes: the step is skipped
+    assert dtrain.shard_rows(dtrain.DistInfo(), [7, 8]) == [7, 8]
+    dtrain.check_batch_size(info, 12)
+    with pytest.raises(ValueError, match="--batch-size 8 .* divisible by the number of processes \\(3\\)"):
+        dtrain.check_batch_size(info, 8)
+
+
+def test_a_batch_too_small_to_shard_is_skipped_without_an_update(setup, monkeypatch):
+    """A step whose global batch has fewer rows than processes: no update, the schedule moves on."""
+    p = setup
+    calls = []
+
+    def shard(info, rows):
+        calls.append(len(rows))
+        return [] if len(calls) == 2 else rows
+
+    monkeypatch.setattr(dtrain, "shard_rows", shard)
+    Trainer(train_config_from_args(build_parser().parse_args(_args(p, "skip")))).train()
+    log = [json.loads(line) for line in (p / "skip" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 3, 4]
+    assert [r["step"] for r in log if r.get("event") == "skip"] == [2]
+    lr = {r["step"]: r["lr"] for r in log if "loss" in r}
+    assert lr[3] == pytest.approx(2e-3 * (STEPS - 3) / (STEPS - 1))  # the scheduler stepped at step 2 too
