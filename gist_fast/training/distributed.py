@@ -95,7 +95,10 @@ def setup(device: str) -> tuple[DistInfo, str]:
     """
     if not dist.is_available() or not (launched_by_torchrun() or dist.is_initialized()):
         return DistInfo(), device
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if "LOCAL_RANK" in os.environ:
+        local_rank = int(os.environ["LOCAL_RANK"])
+    else:  # a process group the caller initialised: keep the CUDA device it chose
+        local_rank = torch.cuda.current_device() if torch.cuda.is_available() else 0
     use_cuda = device in ("auto", "cuda") and torch.cuda.is_available()
     if device.startswith("cuda:") and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
         raise ValueError(
