@@ -94,7 +94,8 @@ def make_tiny_tokenizer(directory: str | os.PathLike):
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *_WORDS, *chars, *("##" + c for c in chars)]
     vocab = list(dict.fromkeys(vocab))
     (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    return BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True)
+    # transformers 5 ignores vocab_file here (every word became [UNK]): pass the mapping itself.
+    return BertTokenizerFast(vocab={word: index for index, word in enumerate(vocab)}, do_lower_case=True)
 
 
 def make_tiny_encoder(
