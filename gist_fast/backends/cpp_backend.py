@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ..inputs import GISTInputs, GISTOptions
-from .torch_tiled import DOUBLE_BACKWARD_ERROR
+from .common import reduce, refuse_double_backward, row_weight
 
 TILE_ROWS = 128
 TILE_COLS = 512
@@ -184,10 +184,7 @@ class _GISTCppFunction(torch.autograd.Function):
         needs_grad = any(ctx.needs_input_grad[4 : 6 + k])
         losses, lse, threshold, e_a, e_p, mask = ext.forward(student, guide, *args, keep_mask and needs_grad)
         B = losses.shape[0]
-        if options.reduction == "none":
-            loss = losses
-        else:
-            loss = losses.sum() / B if options.reduction == "mean" else losses.sum()
+        loss = reduce(losses, options.reduction)
 
         ctx.options, ctx.k, ctx.tiles = options, k, tiles
         ctx.dtypes = [t.dtype for t in tensors[: 2 + k]]
@@ -198,7 +195,7 @@ class _GISTCppFunction(torch.autograd.Function):
             ctx.save_for_backward(lse, threshold, e_a, e_p, mask, *cast)
             ctx.deferred = True
         else:
-            weight = torch.full((B,), 1.0 / B if options.reduction == "mean" else 1.0, dtype=dtype)
+            weight = torch.full((B,), row_weight(options, B), dtype=dtype)
             grads = ext.backward(student, guide, lse, threshold, e_a, e_p, weight, *args, True, mask)
             del e_a, e_p, mask
             ctx.save_for_backward(*[g.to(t) for g, t in zip(grads, ctx.dtypes, strict=True)])
@@ -207,8 +204,7 @@ class _GISTCppFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        if torch.is_grad_enabled():
-            raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+        refuse_double_backward()
         k = ctx.k
         n_student = 2 + k
         if not any(ctx.needs_input_grad[4 : 6 + k]):

@@ -13,19 +13,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..inputs import NORM_EPS, GISTInputs, GISTOptions
+from .common import reduce
 
 
 def normalize(x: Tensor) -> Tensor:
     """x / max(||x||_2, 1e-8), row by row."""
     return x / x.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
-
-
-def reduce(losses: Tensor, reduction: str) -> Tensor:
-    if reduction == "mean":
-        return losses.mean()
-    if reduction == "sum":
-        return losses.sum()
-    return losses
 
 
 def compute_dtype(inputs: GISTInputs) -> torch.dtype:

@@ -23,11 +23,7 @@ import torch
 from torch import Tensor
 
 from ..inputs import NORM_EPS, GISTInputs, GISTOptions
-
-DOUBLE_BACKWARD_ERROR = (
-    "gist_fast: the GIST loss does not support double backward (create_graph=True): its gradients are "
-    "computed by a fused two-pass algorithm, not by differentiable operations"
-)
+from .common import reduce, refuse_double_backward, row_weight
 
 TILE_ROWS = 1024
 TILE_COLS = 2048
@@ -342,10 +338,7 @@ class _GISTTiledFunction(torch.autograd.Function):
             # softmax can dip below (-3e-5 in fp32 at tau = 0.01): clamping only removes error.
             losses = (lse - target_logit).clamp_min_(0.0)
             B = inputs.batch_size
-            if options.reduction == "none":
-                loss = losses
-            else:
-                loss = losses.sum() / B if options.reduction == "mean" else losses.sum()
+            loss = reduce(losses, options.reduction)
 
             ctx.options, ctx.k, ctx.tiles, ctx.dtypes = options, k, tiles, [t.dtype for t in tensors]
             needs = any(ctx.needs_input_grad[3 : 5 + k])
@@ -356,9 +349,7 @@ class _GISTTiledFunction(torch.autograd.Function):
                 ctx.save_for_backward(lse, threshold, e_a, e_p if e_p is not None else lse.new_empty(0), *tensors)
                 ctx.deferred = True
             else:
-                weight = torch.full(
-                    (B,), 1.0 / B if options.reduction == "mean" else 1.0, device=lse.device, dtype=dtype
-                )
+                weight = torch.full((B,), row_weight(options, B), device=lse.device, dtype=dtype)
                 # e_a and e_p are not needed after this: their storage becomes the gradients.
                 grads = _all_gradients(tiler, inputs, options, lse, threshold, e_a, e_p, weight, tiles)
                 del e_a, e_p
@@ -368,8 +359,7 @@ class _GISTTiledFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        if torch.is_grad_enabled():
-            raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+        refuse_double_backward()
         k = ctx.k
         n_student = 2 + k
         if not any(ctx.needs_input_grad[3 : 5 + k]):

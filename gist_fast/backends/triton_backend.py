@@ -22,15 +22,12 @@ from torch import Tensor
 
 from ..inputs import NORM_EPS, GISTInputs, GISTOptions
 from . import triton_kernels as K
+from .common import reduce, refuse_double_backward, row_weight
 
 RETAIN_GRAPH_ERROR = (
     "gist_fast: the Triton backend computes the gradients of reduction='mean'/'sum' in the forward "
     "pass and hands them to the first backward; backward through the same loss twice "
     "(retain_graph=True) is not supported: compute the loss again"
-)
-DOUBLE_BACKWARD_ERROR = (
-    "gist_fast: the Triton backend does not support double backward (create_graph=True): its gradients "
-    "come from fused kernels, not from differentiable operations"
 )
 
 
@@ -273,8 +270,7 @@ def _run_passes(problem: _Problem, weight: Tensor, with_grad: bool, blocks: Bloc
 
 def _row_weights(options: GISTOptions, B: int, device: torch.device) -> Tensor:
     """w_i of G = (P - 1[target]) w_i / tau: 1/B for mean, 1 for sum."""
-    value = 1.0 / B if options.reduction == "mean" else 1.0
-    return torch.full((B,), value, device=device, dtype=torch.float32)
+    return torch.full((B,), row_weight(options, B), device=device, dtype=torch.float32)
 
 
 def _split(grads: tuple[Tensor, Tensor, Tensor]) -> list[Tensor]:
@@ -293,13 +289,9 @@ class _GISTTritonFunction(torch.autograd.Function):
         eager_grad = needs_grad and options.reduction != "none"
         weight = _row_weights(options, B, problem.a.device)
         lse, target, grads = _run_passes(problem, weight, eager_grad, blocks)
-        losses = lse - target
-        if options.reduction == "mean":
-            loss = losses.sum() / B
-        elif options.reduction == "sum":
-            loss = losses.sum()
-        else:
-            loss = losses
+        # The exact loss is >= 0 (lse includes the target); clamping only removes round-off.
+        losses = (lse - target).clamp_min(0.0)
+        loss = reduce(losses, options.reduction)
 
         ctx.options, ctx.k, ctx.blocks = options, k, blocks
         ctx.dtypes = [t.dtype for t in student]
@@ -315,8 +307,7 @@ class _GISTTritonFunction(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         # Refuse create_graph=True up front (once_differentiable would only fail one step later,
         # and not at all when grad_out does not require grad).
-        if torch.is_grad_enabled():
-            raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+        refuse_double_backward()
         k = ctx.k
         if ctx.deferred:
             tensors = ctx.saved_tensors
