@@ -32,6 +32,9 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from bench_loss_cpu import cpu_model  # noqa: E402  (one description of the machine for every result)
 
 import gist_fast  # noqa: E402
 from gist_fast.backends.cpp_backend import load_extension  # noqa: E402
@@ -40,16 +43,6 @@ DIM = 384
 GUIDE_DIM = 384
 TEMPERATURE = 0.01
 BACKENDS = ("torch", "cpp")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def make_inputs(batch: int, seed: int = 0):
