@@ -40,29 +40,45 @@ def interpreting() -> bool:
 class Blocks:
     """Tile sizes and the number of persistent programs per pass.
 
+    A program owns `owned` rows of its pass (pass 1: anchor rows; pass 2: columns of one input),
+    keeps their fp32 gradient accumulator in its scratch (owned x d) and streams tiles of `streamed`
+    rows of the other side past them. Pass 1 tiles are owned x streamed (BLOCK_M x BLOCK_N), pass 2
+    tiles streamed x owned: the scratch traffic per tile is fixed by `owned`, the work grows with
+    `streamed` (benchmarks/NOTES.md, v2b).
+
     Attributes:
-        m: rows of a tile (BLOCK_M), n: columns (BLOCK_N), k: features per dot step (BLOCK_K);
-            all powers of two >= 16 (a GPU needs every dot dimension >= 16).
+        owned, streamed: the two sides of a tile; k: features per dot step (BLOCK_K); all powers of
+            two >= 16 (a GPU needs every dot dimension >= 16).
         programs: persistent programs per launch (None: one per SM on a GPU, 3 when interpreting).
         warps: warps per program on a GPU (the interpreter ignores it).
+        stages: software-pipelining stages of the dot loops on a GPU (the interpreter ignores it).
     """
 
-    m: int = 64
-    n: int = 64
-    k: int = 64
+    owned: int = 64
+    streamed: int = 128
+    k: int = 32
     programs: int | None = None
     warps: int = 8
+    stages: int = 3
 
     def __post_init__(self) -> None:
-        for name in ("m", "n", "k"):
+        for name in ("owned", "streamed", "k"):
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"block size {name}={v} must be a power of two >= 16")
 
+    def row_pass(self) -> dict[str, int]:
+        """BLOCK_M, BLOCK_N, BLOCK_K of pass 1 (anchor rows owned)."""
+        return {"BLOCK_M": self.owned, "BLOCK_N": self.streamed, "BLOCK_K": self.k}
 
-# 64 x 64 tiles, 32 features per dot step, 8 warps: an sm_90 build (triton 3.9) of this shape spills
-# least among those tried with BLOCK_K >= 32 (benchmarks/NOTES.md); bench_triton_gpu.py sweeps others.
-GPU_BLOCKS = Blocks(64, 64, 32, warps=8)
+    def column_pass(self) -> dict[str, int]:
+        """BLOCK_M, BLOCK_N, BLOCK_K of pass 2 (columns owned)."""
+        return {"BLOCK_M": self.streamed, "BLOCK_N": self.owned, "BLOCK_K": self.k}
+
+
+# 64 owned x 128 streamed, 32 features per dot step, 8 warps, 3 stages: the largest tiles whose sm_90
+# build (triton 3.9) spills nothing in either pass (benchmarks/NOTES.md); bench_triton_gpu.py sweeps others.
+GPU_BLOCKS = Blocks(64, 128, 32, warps=8, stages=3)
 INTERPRETER_BLOCKS = Blocks(16, 16, 16, programs=3)
 
 
@@ -114,7 +130,7 @@ def _row_dots(x: Tensor, y: Tensor) -> Tensor:
     if rows:
         block_r, block_k = 16, 64 if not interpreting() else 16
         K.row_dots_kernel[(triton.cdiv(rows, block_r),)](
-            x, y, out, rows, dim, x.stride(0), x.stride(1), y.stride(0), y.stride(1), BLOCK_R=block_r, BLOCK_K=block_k
+            x, y, out, rows, dim, x.stride(0), y.stride(0), BLOCK_R=block_r, BLOCK_K=block_k
         )
     return out
 
@@ -152,7 +168,8 @@ class _Problem:
         return self.n.shape[0]
 
     def shape_args(self) -> tuple:
-        """Sizes, scalars and strides, in the order both kernels take them."""
+        """Sizes, scalars and row strides, in the order both kernels take them (features are
+        contiguous: `_kernel_layout`)."""
         o = self.options
         return (
             self.B,
@@ -162,18 +179,22 @@ class _Problem:
             o.offset,
             self.k,
             1.0 / o.temperature,
-            *self.a.stride(),
-            *self.p.stride(),
-            *self.n.stride(),
-            *self.ga.stride(),
-            *self.gp.stride(),
-            *self.gn.stride(),
+            self.a.stride(0),
+            self.p.stride(0),
+            *self.n.stride()[:2],
+            self.ga.stride(0),
+            self.gp.stride(0),
+            *self.gn.stride()[:2],
         )
 
 
 def _kernel_layout(t: Tensor) -> Tensor:
-    """`t` itself, unless its feature offsets (k * stride(1), 32-bit in the kernels) could overflow."""
-    return t.contiguous() if t.shape[1] * abs(t.stride(1)) >= 2**31 else t
+    """`t` itself when its features are contiguous (any row stride), else a contiguous copy.
+
+    The kernels take the feature stride to be 1: Triton does not specialise a runtime stride of
+    1, and with an unknown stride every load is a scalar one that cannot be pipelined (cp.async);
+    benchmarks/NOTES.md, v2a."""
+    return t if t.shape[1] <= 1 or t.stride(1) == 1 else t.contiguous()
 
 
 def _prepare(student: tuple[Tensor, ...], guide: tuple[Tensor, ...], options: GISTOptions) -> _Problem:
@@ -214,8 +235,8 @@ def _run_passes(problem: _Problem, weight: Tensor, with_grad: bool, blocks: Bloc
     else:
         grad_a = grad_p = grad_n = lse  # unused
 
-    programs = _num_programs(blocks, triton.cdiv(B, blocks.m), dev)
-    scratch = torch.empty((programs, 2, blocks.m, d) if with_grad else (1,), device=dev, dtype=torch.float32)
+    programs = _num_programs(blocks, triton.cdiv(B, blocks.owned), dev)
+    scratch = torch.empty((programs, 2, blocks.owned, d) if with_grad else (1,), device=dev, dtype=torch.float32)
     K.row_pass_kernel[(programs,)](
         *tensors,
         problem.thr,
@@ -229,10 +250,9 @@ def _run_passes(problem: _Problem, weight: Tensor, with_grad: bool, blocks: Bloc
         CONTRAST_ANCHORS=o.contrast_anchors,
         CONTRAST_POSITIVES=o.contrast_positives,
         WITH_GRAD=with_grad,
-        BLOCK_M=blocks.m,
-        BLOCK_N=blocks.n,
-        BLOCK_K=blocks.k,
+        **blocks.row_pass(),
         num_warps=blocks.warps,
+        num_stages=blocks.stages,
         **flags,
     )
     del scratch
@@ -245,11 +265,11 @@ def _run_passes(problem: _Problem, weight: Tensor, with_grad: bool, blocks: Bloc
         sources.insert(0, (0, grad_a, B))
     if k:
         sources.append((2, grad_n, k * P))
-    max_tiles = max(triton.cdiv(rows, blocks.n) for _, _, rows in sources)
+    max_tiles = max(triton.cdiv(rows, blocks.owned) for _, _, rows in sources)
     programs = _num_programs(blocks, max_tiles, dev)
-    scratch = torch.empty((programs, blocks.n, d), device=dev, dtype=torch.float32)
+    scratch = torch.empty((programs, blocks.owned, d), device=dev, dtype=torch.float32)
     for source, out, rows in sources:
-        K.column_pass_kernel[(min(programs, triton.cdiv(rows, blocks.n)),)](
+        K.column_pass_kernel[(min(programs, triton.cdiv(rows, blocks.owned)),)](
             *tensors,
             problem.thr,
             weight,
@@ -259,10 +279,9 @@ def _run_passes(problem: _Problem, weight: Tensor, with_grad: bool, blocks: Bloc
             *problem.shape_args(),
             SOURCE=source,
             CONTRAST_POSITIVES=o.contrast_positives,
-            BLOCK_M=blocks.m,
-            BLOCK_N=blocks.n,
-            BLOCK_K=blocks.k,
+            **blocks.column_pass(),
             num_warps=blocks.warps,
+            num_stages=blocks.stages,
             **flags,
         )
     return lse, target, (grad_a, grad_p, grad_n)
@@ -334,9 +353,10 @@ def gist_loss_triton(inputs: GISTInputs, options: GISTOptions, *, blocks: Blocks
     """Fused two-pass GIST loss in Triton (CUDA, or the CPU interpreter with TRITON_INTERPRET=1).
 
     Exactly the loss of DESIGN.md 1 (as ``backend="reference"``), with memory linear in B: the
-    B x N logits are never materialised. fp32, fp16 and bf16 inputs (any strides) are read as
-    stored; dots accumulate in fp32, lse and the target term are fp32, gradients come back in
-    each input's dtype. Float64 inputs go to the tiled PyTorch backend, which is exact in float64.
+    B x N logits are never materialised. fp32, fp16 and bf16 inputs are read as stored when their
+    features are contiguous (any row stride; otherwise a contiguous copy is made); dots accumulate
+    in fp32, lse and the target term are fp32, gradients come back in each input's dtype. Float64
+    inputs go to the tiled PyTorch backend, which is exact in float64.
     Double backward is refused.
 
     Args:

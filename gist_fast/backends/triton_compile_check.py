@@ -1,23 +1,31 @@
-"""Compile the Triton kernels for an NVIDIA GPU without one, and report their resources.
+"""Compile the Triton kernels for an NVIDIA GPU without one, and report what the build looks like.
 
 Triton compiles ahead of time for a named target with the ptxas bundled in its wheel, so a CPU-only
 machine (CI) can check that every kernel variant the backend launches builds for sm_90, and read
-the registers and spill stack of each from the cubin. The interpreter tests check the arithmetic;
-this checks what only a GPU build sees (dot shapes, layouts, types, register spills).
+from the build what decides its speed: registers and spill stack (cubin), shared memory, and in the
+PTX the tensor-core instructions (`wgmma.mma_async`) and the asynchronous copies (`cp.async`) that
+show the dot loops are software-pipelined. The interpreter tests check the arithmetic; this checks
+what only a GPU build sees.
+
+Each kernel is built with the specialisation a real launch gets: Triton's JIT marks pointers and
+integer arguments divisible by 16 (nothing else; a stride of 1 is *not* specialised), so the
+integer arguments are given sample values of a realistic problem (`--dims`).
 
 Run it in a process where TRITON_INTERPRET is unset (the interpreter replaces `triton.jit`):
 
-    python -m gist_fast.backends.triton_compile_check            # default tiles, bf16, sm_90
-    python -m gist_fast.backends.triton_compile_check 64 64 64 8 # BLOCK_M BLOCK_N BLOCK_K warps
+    python -m gist_fast.backends.triton_compile_check                      # default tiles, bf16
+    python -m gist_fast.backends.triton_compile_check --blocks 64 128 32 8 --stages 3 --dims 768 1024
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass, replace
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -29,67 +37,123 @@ _STUDENT = {"a", "p", "n", "ga", "gp", "gn", "grad_a", "grad_p", "out", "x", "y"
 _FP32_PTRS = {"norms", "gnorms", "thr_ptr", "weight_ptr", "lse_out", "target_out", "lse_ptr", "scratch"}
 
 
-def _signature(fn, dtype: str, constexprs: dict) -> dict:
-    sig = {}
-    for name in fn.arg_names:
+@dataclass(frozen=True)
+class Build:
+    """What one compiled kernel looks like."""
+
+    registers: int
+    spill_bytes: int
+    shared_bytes: int
+    wgmma: int  # wgmma.mma_async instructions in the PTX (Hopper tensor cores)
+    cp_async: int  # cp.async instructions in the PTX (pipelined global -> shared copies)
+
+    def __str__(self) -> str:
+        return (
+            f"REG:{self.registers} STACK:{self.spill_bytes} SHARED:{self.shared_bytes} "
+            f"WGMMA:{self.wgmma} CP_ASYNC:{self.cp_async}"
+        )
+
+
+def _sample_ints(d: int, dg: int, rows: int = 65536, negatives: int = 1) -> dict[str, int]:
+    """Integer arguments of a contiguous problem with B = P = rows (their divisibility is what the
+    JIT specialises on)."""
+    return {
+        "B": rows, "P": rows, "d": d, "dg": dg, "offset": 0, "num_neg": negatives,
+        "s_a": d, "s_p": d, "s_nm": rows * d, "s_n": d, "s_ga": dg, "s_gp": dg, "s_gnm": rows * dg, "s_gn": dg,
+        "n_rows": rows, "dim": d, "s_x": d, "s_y": d,
+    }  # fmt: skip
+
+
+def _signature(fn, dtype: str, constexprs: dict, ints: dict[str, int]) -> tuple[dict, dict]:
+    """(signature, attrs) of `fn` as the JIT would build them for a launch with `ints`."""
+    sig, attrs = {}, {}
+    for index, name in enumerate(fn.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name in _FP32_PTRS or (name == "out" and fn is K.row_dots_kernel):
+            continue
+        if name in _FP32_PTRS or (name == "out" and fn is K.row_dots_kernel):
             sig[name] = "*fp32"
         elif name in _STUDENT:
             sig[name] = f"*{dtype}"
         elif name == "inv_temp":
             sig[name] = "fp32"
+            continue
         else:
             sig[name] = "i32"
-    return sig
+        # torch allocations are 16-byte aligned; integers as the sample problem has them.
+        if sig[name].startswith("*") or ints[name] % 16 == 0:
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    return sig, attrs
 
 
 def kernel_variants(blocks: Blocks) -> list[tuple[str, object, dict]]:
     """(name, kernel, constexprs) of every launch of a forward+backward with both contrast blocks."""
-    tiles = {"BLOCK_M": blocks.m, "BLOCK_N": blocks.n, "BLOCK_K": blocks.k, "UPCAST": False, "PRECISION": "ieee"}
+    dots = {"UPCAST": False, "PRECISION": "ieee"}
     flags = {"CONTRAST_ANCHORS": True, "CONTRAST_POSITIVES": True, "WITH_GRAD": True}
-    variants = [("row_pass", K.row_pass_kernel, tiles | flags)]
+    variants = [("row_pass", K.row_pass_kernel, blocks.row_pass() | dots | flags)]
     variants += [
-        (f"column_pass[source={s}]", K.column_pass_kernel, tiles | {"SOURCE": s, "CONTRAST_POSITIVES": True})
+        (
+            f"column_pass[source={s}]",
+            K.column_pass_kernel,
+            blocks.column_pass() | dots | {"SOURCE": s, "CONTRAST_POSITIVES": True},
+        )
         for s in (0, 1, 2)
     ]
     variants.append(("row_dots", K.row_dots_kernel, {"BLOCK_R": 16, "BLOCK_K": 64}))
     return variants
 
 
-def _resources(cubin: bytes) -> str:
+def _registers_and_spill(cubin: bytes) -> tuple[int, int]:
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.path.exists(tool):
-        return "?"
+        return -1, -1
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
     found = re.search(r"REG:(\d+) STACK:(\d+)", out)
-    return f"REG:{found[1]} STACK:{found[2]}" if found else "?"
+    return (int(found[1]), int(found[2])) if found else (-1, -1)
 
 
-def compile_all(blocks: Blocks = GPU_BLOCKS, dtype: str = "bf16", capability: int = 90) -> dict[str, str]:
-    """Compile every kernel variant for `capability`; return name -> 'REG:r STACK:s' (spill bytes)."""
+def compile_all(
+    blocks: Blocks = GPU_BLOCKS, dtype: str = "bf16", dims: tuple[int, int] = (768, 1024), capability: int = 90
+) -> dict[str, Build]:
+    """Compile every kernel variant for `capability`; return name -> Build."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces the kernels being compiled")
     target = GPUTarget("cuda", capability, 32)
+    ints = _sample_ints(*dims)
     report = {}
     for name, kernel, constexprs in kernel_variants(blocks):
-        src = triton.compiler.ASTSource(
-            fn=kernel, signature=_signature(kernel, dtype, constexprs), constexprs=constexprs
+        signature, attrs = _signature(kernel, dtype, constexprs, ints)
+        src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+        compiled = triton.compile(src, target=target, options={"num_warps": blocks.warps, "num_stages": blocks.stages})
+        ptx = compiled.asm["ptx"]
+        report[name] = Build(
+            *_registers_and_spill(compiled.asm["cubin"]),
+            shared_bytes=compiled.metadata.shared,
+            wgmma=len(re.findall(r"wgmma\.mma_async", ptx)),
+            cp_async=len(re.findall(r"cp\.async", ptx)),
         )
-        compiled = triton.compile(src, target=target, options={"num_warps": blocks.warps})
-        report[name] = _resources(compiled.asm["cubin"])
     return report
 
 
 def main(argv: list[str]) -> int:
-    blocks = Blocks(*map(int, argv[:3]), warps=int(argv[3])) if len(argv) >= 4 else GPU_BLOCKS
-    dtype = argv[4] if len(argv) >= 5 else "bf16"
-    for name, resources in compile_all(blocks, dtype).items():
-        print(f"{name}: {resources}")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--blocks", nargs=4, type=int, metavar=("OWNED", "STREAMED", "K", "WARPS"), help="tile shape and warps"
+    )
+    parser.add_argument("--stages", type=int, default=GPU_BLOCKS.stages, help="software-pipelining stages")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--dims", nargs=2, type=int, default=[768, 1024], metavar=("D", "DG"), help="feature dims")
+    args = parser.parse_args(argv)
+    blocks = GPU_BLOCKS
+    if args.blocks:
+        owned, streamed, k, warps = args.blocks
+        blocks = replace(blocks, owned=owned, streamed=streamed, k=k, warps=warps)
+    blocks = replace(blocks, stages=args.stages)
+    for name, build in compile_all(blocks, args.dtype, tuple(args.dims)).items():
+        print(f"{name}: {build}")
     return 0
 
 

@@ -2,8 +2,9 @@
 
 Notation (DESIGN.md 1-2): rows are anchors i (PP rows: positives o + i), columns j come from one
 input per block (AP: positives, AA: anchors, PP: positives, AN_m: negative column m). Every input
-is read as stored (any strides, fp32/fp16/bf16); cosines are formed from raw dot products and the
-row norms, so no normalised copy of any input is made:
+is read as stored (fp32/fp16/bf16, any row stride; features contiguous, which lets Triton pipeline
+the loads); cosines are formed from raw dot products and the row norms, so no normalised copy of
+any input is made:
 
     s_ij = (x_i . y_j) / (|x_i| |y_j|)      student, scaled by 1/|.| after the dot
     g_ij = (gx_i . gy_j) / (|gx_i| |gy_j|)  guide, divided with IEEE rounding so that exact ties
@@ -41,7 +42,7 @@ NORM_EPS: tl.constexpr = tl.constexpr(1e-8)
 
 
 @triton.jit
-def row_dots_kernel(x, y, out, n_rows, dim, s_x, s_xk, s_y, s_yk, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+def row_dots_kernel(x, y, out, n_rows, dim, s_x, s_y, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[i] = sum_k x[i, k] * y[i, k], accumulated in fp32."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < n_rows
@@ -50,8 +51,8 @@ def row_dots_kernel(x, y, out, n_rows, dim, s_x, s_xk, s_y, s_yk, BLOCK_R: tl.co
     for k0 in range(0, dim, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         mask = row_mask[:, None] & (ks[None, :] < dim)
-        xv = tl.load(x + rows64[:, None] * s_x + ks[None, :] * s_xk, mask=mask, other=0.0).to(tl.float32)
-        yv = tl.load(y + rows64[:, None] * s_y + ks[None, :] * s_yk, mask=mask, other=0.0).to(tl.float32)
+        xv = tl.load(x + rows64[:, None] * s_x + ks[None, :], mask=mask, other=0.0).to(tl.float32)
+        yv = tl.load(y + rows64[:, None] * s_y + ks[None, :], mask=mask, other=0.0).to(tl.float32)
         total += tl.sum(xv * yv, axis=1)
     tl.store(out + rows, total, mask=row_mask)
 
@@ -65,12 +66,10 @@ def row_dots_kernel(x, y, out, n_rows, dim, s_x, s_xk, s_y, s_yk, BLOCK_R: tl.co
 def _dot_tile(
     x,
     s_x,
-    s_xk,
     rows,
     row_mask,
     y,
     s_y,
-    s_yk,
     cols,
     col_mask,
     dim,
@@ -86,9 +85,9 @@ def _dot_tile(
     for k0 in range(0, dim, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < dim
-        xv = tl.load(x + rows[:, None] * s_x + ks[None, :] * s_xk, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        xv = tl.load(x + rows[:, None] * s_x + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         # y is read transposed (BLOCK_K x BLOCK_N), as K is in the fused-attention tutorial.
-        yv = tl.load(y + cols[None, :] * s_y + ks[:, None] * s_yk, mask=col_mask[None, :] & k_mask[:, None], other=0.0)
+        yv = tl.load(y + cols[None, :] * s_y + ks[:, None], mask=col_mask[None, :] & k_mask[:, None], other=0.0)
         if UPCAST:  # the interpreter's bf16 dot is wrong (DESIGN.md 4)
             xv = xv.to(tl.float32)
             yv = yv.to(tl.float32)
@@ -97,29 +96,55 @@ def _dot_tile(
 
 
 @triton.jit
-def _masked_logits(
-    dots,
-    guide_dots,
+def _logit_tile(
+    # the tile's rows: student and guide inputs, int64 row indices into them, norms
+    x,
+    s_x,
+    gx,
+    s_gx,
+    x_rows,
     norm_x,
-    norm_y,
     gnorm_x,
+    # the tile's columns
+    y,
+    s_y,
+    gy,
+    s_gy,
+    y_cols,
+    norm_y,
     gnorm_y,
-    thr,
+    # anchor rows i and block columns j of the tile, the thresholds of the rows
     rows,
     row_mask,
     cols,
     col_mask,
+    thr,
+    d,
+    dg,
     offset,
     inv_temp,
     IS_TARGET_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    """z = s / tau with the guide's mask; returns (z, is_target). Invalid rows/columns are -inf."""
-    s = dots * (1.0 / norm_x)[:, None] * (1.0 / norm_y)[None, :]
+    """z_ij = s_ij / tau of one tile, -inf where the guide masks and outside the tile; returns
+    (z, is_target). The guide tile is reduced to its keep mask before the student tile is computed,
+    so the two fp32 accumulators are not live together."""
+    guide_dots = _dot_tile(
+        gx, s_gx, x_rows, row_mask, gy, s_gy, y_cols, col_mask, dg, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION
+    )
     g = tl.math.div_rn(guide_dots, gnorm_x[:, None] * gnorm_y[None, :])
     # The target column o + i of row i (AP only; elsewhere nothing is a target).
     is_target = cols[None, :] == (rows + offset)[:, None] if IS_TARGET_BLOCK else cols[None, :] < 0
     # Strict rule: a tie g == thr is kept; the target is never masked.
     keep = ((g <= thr[:, None]) | is_target) & row_mask[:, None] & col_mask[None, :]
+    dots = _dot_tile(
+        x, s_x, x_rows, row_mask, y, s_y, y_cols, col_mask, d, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION
+    )
+    s = dots * (1.0 / norm_x)[:, None] * (1.0 / norm_y)[None, :]
     z = tl.where(keep, s * inv_temp, float("-inf"))
     return z, is_target
 
@@ -137,7 +162,6 @@ def _accumulate(
     weights,
     y,
     s_y,
-    s_yk,
     cols,
     col_mask,
     dim,
@@ -158,7 +182,7 @@ def _accumulate(
     for k0 in range(0, dim, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < dim
-        yv = tl.load(y + cols[:, None] * s_y + ks[None, :] * s_yk, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        yv = tl.load(y + cols[:, None] * s_y + ks[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
         if UPCAST:
             yv = yv.to(tl.float32)
         a_ptr = acc + r[:, None] * dim + ks[None, :]
@@ -188,13 +212,11 @@ def _store_gradient(
     scale,
     x,
     s_x,
-    s_xk,
     rows,
     row_mask,
     norm_x,
     t,
     s_t,
-    s_tk,
     t_rows,
     t_coef,
     out,
@@ -215,16 +237,16 @@ def _store_gradient(
     for k0 in range(0, dim, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         mask = row_mask[:, None] & (ks[None, :] < dim)
-        dx = _gradient_chunk(acc, scale, t, s_t, s_tk, t_rows, t_coef, r, ks, mask, dim, HAS_T)
-        xv = tl.load(x + rows[:, None] * s_x + ks[None, :] * s_xk, mask=mask, other=0.0).to(tl.float32)
+        dx = _gradient_chunk(acc, scale, t, s_t, t_rows, t_coef, r, ks, mask, dim, HAS_T)
+        xv = tl.load(x + rows[:, None] * s_x + ks[None, :], mask=mask, other=0.0).to(tl.float32)
         proj += tl.sum(xv * inv_x[:, None] * dx, axis=1)
     proj = tl.where(norm_x > NORM_EPS, proj, 0.0)
     # Second sweep: write (dx_hat - x_hat proj) / |x|.
     for k0 in range(0, dim, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         mask = row_mask[:, None] & (ks[None, :] < dim)
-        dx = _gradient_chunk(acc, scale, t, s_t, s_tk, t_rows, t_coef, r, ks, mask, dim, HAS_T)
-        xv = tl.load(x + rows[:, None] * s_x + ks[None, :] * s_xk, mask=mask, other=0.0).to(tl.float32)
+        dx = _gradient_chunk(acc, scale, t, s_t, t_rows, t_coef, r, ks, mask, dim, HAS_T)
+        xv = tl.load(x + rows[:, None] * s_x + ks[None, :], mask=mask, other=0.0).to(tl.float32)
         grad = (dx - xv * inv_x[:, None] * proj[:, None]) * inv_x[:, None]
         o_ptr = out + out_rows[:, None] * dim + ks[None, :]
         if ADD:
@@ -233,11 +255,11 @@ def _store_gradient(
 
 
 @triton.jit
-def _gradient_chunk(acc, scale, t, s_t, s_tk, t_rows, t_coef, r, ks, mask, dim, HAS_T: tl.constexpr):
+def _gradient_chunk(acc, scale, t, s_t, t_rows, t_coef, r, ks, mask, dim, HAS_T: tl.constexpr):
     """Features `ks` of dx_hat = scale * acc - t_coef * t[t_rows] (t_coef already holds 1/|t|)."""
     dx = tl.load(acc + r[:, None] * dim + ks[None, :], mask=mask, other=0.0) * scale[:, None]
     if HAS_T:
-        tv = tl.load(t + t_rows[:, None] * s_t + ks[None, :] * s_tk, mask=mask, other=0.0).to(tl.float32)
+        tv = tl.load(t + t_rows[:, None] * s_t + ks[None, :], mask=mask, other=0.0).to(tl.float32)
         dx -= t_coef[:, None] * tv
     return dx
 
@@ -252,10 +274,8 @@ def _sweep_columns(
     # rows of this tile (fixed): student and guide inputs, norms, threshold
     x,
     s_x,
-    s_xk,
     gx,
     s_gx,
-    s_gxk,
     rows,
     x_rows,
     row_mask,
@@ -265,10 +285,8 @@ def _sweep_columns(
     # the block's columns
     y,
     s_y,
-    s_yk,
     gy,
     s_gy,
-    s_gyk,
     norms_y,
     gnorms_y,
     n_cols,
@@ -297,58 +315,11 @@ def _sweep_columns(
         cols64 = cols.to(tl.int64)
         norm_y = _load_norms(norms_y, cols, col_mask)
         gnorm_y = _load_norms(gnorms_y, cols, col_mask)
-        dots = _dot_tile(
-            x,
-            s_x,
-            s_xk,
-            x_rows,
-            row_mask,
-            y,
-            s_y,
-            s_yk,
-            cols64,
-            col_mask,
-            d,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_K,
-            UPCAST,
-            PRECISION,
-        )
-        guide_dots = _dot_tile(
-            gx,
-            s_gx,
-            s_gxk,
-            x_rows,
-            row_mask,
-            gy,
-            s_gy,
-            s_gyk,
-            cols64,
-            col_mask,
-            dg,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_K,
-            UPCAST,
-            PRECISION,
-        )
-        z, is_target = _masked_logits(
-            dots,
-            guide_dots,
-            norm_x,
-            norm_y,
-            gnorm_x,
-            gnorm_y,
-            thr,
-            rows,
-            row_mask,
-            cols,
-            col_mask,
-            offset,
-            inv_temp,
-            IS_TARGET_BLOCK,
-        )
+        z, is_target = _logit_tile(
+            x, s_x, gx, s_gx, x_rows, norm_x, gnorm_x, y, s_y, gy, s_gy, cols64, norm_y, gnorm_y,
+            rows, row_mask, cols, col_mask, thr, d, dg, offset, inv_temp,
+            IS_TARGET_BLOCK, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
+        )  # fmt: skip
         if IS_TARGET_BLOCK:
             z_target += tl.sum(tl.where(is_target, z, 0.0), axis=1)
         # Online logsumexp. A row whose entries so far are all masked keeps m = -inf; `m_safe`
@@ -366,7 +337,6 @@ def _sweep_columns(
                 p / norm_y[None, :],
                 y,
                 s_y,
-                s_yk,
                 cols64,
                 col_mask,
                 d,
@@ -404,19 +374,13 @@ def row_pass_kernel(
     num_neg,
     inv_temp,
     s_a,
-    s_ak,
     s_p,
-    s_pk,
     s_nm,
     s_n,
-    s_nk,
     s_ga,
-    s_gak,
     s_gp,
-    s_gpk,
     s_gnm,
     s_gn,
-    s_gnk,
     CONTRAST_ANCHORS: tl.constexpr,
     CONTRAST_POSITIVES: tl.constexpr,
     WITH_GRAD: tl.constexpr,
@@ -458,16 +422,16 @@ def row_pass_kernel(
 
         # AP: anchors x positives, the target column o + i never masked.
         m_i, l_i, z_target, max_a = _sweep_columns(
-            a, s_a, s_ak, ga, s_ga, s_gak, rows, a_rows, row_mask, norm_a, gnorm_a, thr,
-            p, s_p, s_pk, gp, s_gp, s_gpk, norms_p, gnorms_p, P,
+            a, s_a, ga, s_ga, rows, a_rows, row_mask, norm_a, gnorm_a, thr,
+            p, s_p, gp, s_gp, norms_p, gnorms_p, P,
             m_i, l_i, z_target, acc_a, max_a, d, dg, offset, inv_temp,
             True, WITH_GRAD, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
         )  # fmt: skip
         # AA: anchors x anchors.
         if CONTRAST_ANCHORS:
             m_i, l_i, z_target, max_a = _sweep_columns(
-                a, s_a, s_ak, ga, s_ga, s_gak, rows, a_rows, row_mask, norm_a, gnorm_a, thr,
-                a, s_a, s_ak, ga, s_ga, s_gak, norms_a, gnorms_a, B,
+                a, s_a, ga, s_ga, rows, a_rows, row_mask, norm_a, gnorm_a, thr,
+                a, s_a, ga, s_ga, norms_a, gnorms_a, B,
                 m_i, l_i, z_target, acc_a, max_a, d, dg, offset, inv_temp,
                 False, WITH_GRAD, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
             )  # fmt: skip
@@ -476,8 +440,8 @@ def row_pass_kernel(
             norm_po = _load_norms(norms_p, p_rows, row_mask)
             gnorm_po = _load_norms(gnorms_p, p_rows, row_mask)
             m_i, l_i, z_target, max_p = _sweep_columns(
-                p, s_p, s_pk, gp, s_gp, s_gpk, rows, p_rows, row_mask, norm_po, gnorm_po, thr,
-                p, s_p, s_pk, gp, s_gp, s_gpk, norms_p, gnorms_p, P,
+                p, s_p, gp, s_gp, rows, p_rows, row_mask, norm_po, gnorm_po, thr,
+                p, s_p, gp, s_gp, norms_p, gnorms_p, P,
                 m_i, l_i, z_target, acc_p, max_p, d, dg, offset, inv_temp,
                 False, WITH_GRAD, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
             )  # fmt: skip
@@ -485,8 +449,8 @@ def row_pass_kernel(
         for m in range(num_neg):
             m64 = tl.cast(m, tl.int64)
             m_i, l_i, z_target, max_a = _sweep_columns(
-                a, s_a, s_ak, ga, s_ga, s_gak, rows, a_rows, row_mask, norm_a, gnorm_a, thr,
-                n + m64 * s_nm, s_n, s_nk, gn + m64 * s_gnm, s_gn, s_gnk,
+                a, s_a, ga, s_ga, rows, a_rows, row_mask, norm_a, gnorm_a, thr,
+                n + m64 * s_nm, s_n, gn + m64 * s_gnm, s_gn,
                 norms + B + P + m64 * P, gnorms + B + P + m64 * P, P,
                 m_i, l_i, z_target, acc_a, max_a, d, dg, offset, inv_temp,
                 False, WITH_GRAD, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
@@ -503,14 +467,14 @@ def row_pass_kernel(
             m_safe = tl.where(m_i > float("-inf"), m_i, 0.0)
             norm_po = _load_norms(norms_p, p_rows, row_mask)
             _store_gradient(
-                acc_a, w * tl.exp(max_a - m_safe) / l_safe, a, s_a, s_ak, a_rows, row_mask, norm_a,
-                p, s_p, s_pk, p_rows, w / norm_po, grad_a, a_rows, d,
+                acc_a, w * tl.exp(max_a - m_safe) / l_safe, a, s_a, a_rows, row_mask, norm_a,
+                p, s_p, p_rows, w / norm_po, grad_a, a_rows, d,
                 True, False, BLOCK_M, BLOCK_K,
             )  # fmt: skip
             if CONTRAST_POSITIVES:
                 _store_gradient(
-                    acc_p, w * tl.exp(max_p - m_safe) / l_safe, p, s_p, s_pk, p_rows, row_mask, norm_po,
-                    p, s_p, s_pk, p_rows, w, grad_p, p_rows, d,
+                    acc_p, w * tl.exp(max_p - m_safe) / l_safe, p, s_p, p_rows, row_mask, norm_po,
+                    p, s_p, p_rows, w, grad_p, p_rows, d,
                     False, False, BLOCK_M, BLOCK_K,
                 )  # fmt: skip
 
@@ -525,20 +489,16 @@ def _sweep_rows(
     # the block's rows: student and guide inputs (row i of the block is x_rows_shift + i)
     x,
     s_x,
-    s_xk,
     gx,
     s_gx,
-    s_gxk,
     norms_x,
     gnorms_x,
     x_shift,
     # columns of this program (fixed)
     y,
     s_y,
-    s_yk,
     gy,
     s_gy,
-    s_gyk,
     cols,
     cols64,
     col_mask,
@@ -570,58 +530,11 @@ def _sweep_rows(
         norm_x = _load_norms(norms_x, x_rows, row_mask)
         gnorm_x = _load_norms(gnorms_x, x_rows, row_mask)
         thr = tl.load(thr_ptr + rows, mask=row_mask, other=0.0)
-        dots = _dot_tile(
-            x,
-            s_x,
-            s_xk,
-            x_rows,
-            row_mask,
-            y,
-            s_y,
-            s_yk,
-            cols64,
-            col_mask,
-            d,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_K,
-            UPCAST,
-            PRECISION,
-        )
-        guide_dots = _dot_tile(
-            gx,
-            s_gx,
-            s_gxk,
-            x_rows,
-            row_mask,
-            gy,
-            s_gy,
-            s_gyk,
-            cols64,
-            col_mask,
-            dg,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_K,
-            UPCAST,
-            PRECISION,
-        )
-        z, is_target = _masked_logits(
-            dots,
-            guide_dots,
-            norm_x,
-            norm_y,
-            gnorm_x,
-            gnorm_y,
-            thr,
-            rows,
-            row_mask,
-            cols,
-            col_mask,
-            offset,
-            inv_temp,
-            IS_TARGET_BLOCK,
-        )
+        z, is_target = _logit_tile(
+            x, s_x, gx, s_gx, x_rows, norm_x, gnorm_x, y, s_y, gy, s_gy, cols64, norm_y, gnorm_y,
+            rows, row_mask, cols, col_mask, thr, d, dg, offset, inv_temp,
+            IS_TARGET_BLOCK, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
+        )  # fmt: skip
         lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
         w = tl.load(weight_ptr + rows, mask=row_mask, other=0.0) * inv_temp
         prob = tl.exp(z - lse[:, None])  # masked entries and invalid rows: exp(-inf) = 0
@@ -633,7 +546,6 @@ def _sweep_rows(
             tl.trans(g / norm_x[:, None]),
             x,
             s_x,
-            s_xk,
             x_rows,
             row_mask,
             d,
@@ -667,19 +579,13 @@ def column_pass_kernel(
     num_neg,
     inv_temp,
     s_a,
-    s_ak,
     s_p,
-    s_pk,
     s_nm,
     s_n,
-    s_nk,
     s_ga,
-    s_gak,
     s_gp,
-    s_gpk,
     s_gnm,
     s_gn,
-    s_gnk,
     SOURCE: tl.constexpr,
     CONTRAST_POSITIVES: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -709,31 +615,31 @@ def column_pass_kernel(
             gnorm_y = _load_norms(gnorms, cols, col_mask)
             # AA: rows are the anchors.
             _sweep_rows(
-                a, s_a, s_ak, ga, s_ga, s_gak, norms, gnorms, 0,
-                a, s_a, s_ak, ga, s_ga, s_gak, cols, cols64, col_mask, norm_y, gnorm_y,
+                a, s_a, ga, s_ga, norms, gnorms, 0,
+                a, s_a, ga, s_ga, cols, cols64, col_mask, norm_y, gnorm_y,
                 thr_ptr, weight_ptr, lse_ptr, acc, B, d, dg, offset, inv_temp,
                 False, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
             )  # fmt: skip
-            y, s_y, s_yk, norms_y, out_rows = a, s_a, s_ak, norms, cols64
+            y, s_y, norms_y, out_rows = a, s_a, norms, cols64
         elif SOURCE == 1:
             norm_y = _load_norms(norms + B, cols, col_mask)
             gnorm_y = _load_norms(gnorms + B, cols, col_mask)
             # AP: rows are the anchors, the target o + i included.
             _sweep_rows(
-                a, s_a, s_ak, ga, s_ga, s_gak, norms, gnorms, 0,
-                p, s_p, s_pk, gp, s_gp, s_gpk, cols, cols64, col_mask, norm_y, gnorm_y,
+                a, s_a, ga, s_ga, norms, gnorms, 0,
+                p, s_p, gp, s_gp, cols, cols64, col_mask, norm_y, gnorm_y,
                 thr_ptr, weight_ptr, lse_ptr, acc, B, d, dg, offset, inv_temp,
                 True, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
             )  # fmt: skip
             if CONTRAST_POSITIVES:
                 # PP: rows are the own positives o + i.
                 _sweep_rows(
-                    p, s_p, s_pk, gp, s_gp, s_gpk, norms + B, gnorms + B, offset,
-                    p, s_p, s_pk, gp, s_gp, s_gpk, cols, cols64, col_mask, norm_y, gnorm_y,
+                    p, s_p, gp, s_gp, norms + B, gnorms + B, offset,
+                    p, s_p, gp, s_gp, cols, cols64, col_mask, norm_y, gnorm_y,
                     thr_ptr, weight_ptr, lse_ptr, acc, B, d, dg, offset, inv_temp,
                     False, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
                 )  # fmt: skip
-            y, s_y, s_yk, norms_y, out_rows = p, s_p, s_pk, norms + B, cols64
+            y, s_y, norms_y, out_rows = p, s_p, norms + B, cols64
         else:
             norms_y = norms + B + P + m64 * P
             norm_y = _load_norms(norms_y, cols, col_mask)
@@ -741,14 +647,14 @@ def column_pass_kernel(
             y = n + m64 * s_nm
             # AN_m: rows are the anchors.
             _sweep_rows(
-                a, s_a, s_ak, ga, s_ga, s_gak, norms, gnorms, 0,
-                y, s_n, s_nk, gn + m64 * s_gnm, s_gn, s_gnk, cols, cols64, col_mask, norm_y, gnorm_y,
+                a, s_a, ga, s_ga, norms, gnorms, 0,
+                y, s_n, gn + m64 * s_gnm, s_gn, cols, cols64, col_mask, norm_y, gnorm_y,
                 thr_ptr, weight_ptr, lse_ptr, acc, B, d, dg, offset, inv_temp,
                 False, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
             )  # fmt: skip
-            s_y, s_yk, out_rows = s_n, s_nk, m64 * P + cols64
+            s_y, out_rows = s_n, m64 * P + cols64
         _store_gradient(
-            acc, tl.full([BLOCK_N], 1.0, dtype=tl.float32), y, s_y, s_yk, cols64, col_mask, norm_y,
-            y, s_y, s_yk, cols64, norm_y, out, out_rows, d,
+            acc, tl.full([BLOCK_N], 1.0, dtype=tl.float32), y, s_y, cols64, col_mask, norm_y,
+            y, s_y, cols64, norm_y, out, out_rows, d,
             False, SOURCE != 2, BLOCK_N, BLOCK_K,
         )  # fmt: skip
