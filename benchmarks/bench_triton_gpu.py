@@ -242,6 +242,23 @@ def check_correctness(batch: int, dim: int, guide_dim: int, device: str, blocks:
     return rows
 
 
+def compiled_resources() -> dict[str, list[str]]:
+    """Registers and spills of every kernel build Triton's JIT holds so far (the GPU's own build,
+    to set beside the offline report of gist_fast.backends.triton_compile_check)."""
+    from gist_fast.backends import triton_kernels as kernels
+
+    found: dict[str, list[str]] = {}
+    for name in ("row_pass_kernel", "column_pass_kernel"):
+        try:
+            for cache in getattr(kernels, name).device_caches.values():
+                for compiled in cache[0].values():
+                    compiled._init_handles()
+                    found.setdefault(name, []).append(f"regs {compiled.n_regs} spills {compiled.n_spills}")
+        except Exception as err:  # private API: record, never fail the benchmark over it
+            found[name] = [f"unavailable: {type(err).__name__}: {err}"[:200]]
+    return found
+
+
 def tune(batch: int, dim: int, guide_dim: int, device: str, configs: list[Blocks]) -> tuple[Blocks, list[dict]]:
     """Time each tile configuration once at one shape; return the fastest."""
     student, guide = make_inputs(batch, dim, guide_dim, torch.bfloat16, device)
@@ -249,7 +266,7 @@ def tune(batch: int, dim: int, guide_dim: int, device: str, configs: list[Blocks
     for blocks in configs:
         try:
             r = measure(method_fn("triton", blocks), student, guide, None)
-            row = {"blocks": asdict(blocks), "time_s": r["time_s"]}
+            row = {"blocks": asdict(blocks), "time_s": r["time_s"], "builds_so_far": compiled_resources()}
             if best is None or r["time_s"] < best[1]:
                 best = (blocks, r["time_s"])
         except Exception as err:  # a config that does not compile or fit is recorded and skipped
