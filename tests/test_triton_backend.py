@@ -251,6 +251,30 @@ def test_loss_backward_and_determinism():
         assert_close_scaled(got.cpu() * scale, want, 1e-4, "grad via loss.backward()")
 
 
+@pytest.mark.skipif(not ON_GPU, reason="peak GPU memory needs CUDA")
+def test_peak_memory_is_linear_in_the_batch():
+    """Issue 3's memory target at B = 65536, d = 768, dg = 1024, one negative, bf16: the peak above
+    the inputs is at most 1.25 x (inputs + their gradients) + 64 MB - inputs, i.e. no B x N buffer."""
+    batch, dim, guide_dim = 65536, 768, 1024
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    student = [torch.randn(batch, dim, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3)]
+    guide = [torch.randn(batch, guide_dim, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3)]
+    for t in student:
+        t.requires_grad_()
+    torch.cuda.synchronize()
+    inputs = sum(t.numel() * t.element_size() for t in student + guide)
+    gradients = sum(t.numel() * t.element_size() for t in student)
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss = gist_fast.gist_loss(student[0], student[1], guide[0], guide[1], student[2:], guide[2:], backend="triton")
+    loss.backward()
+    torch.cuda.synchronize()
+    peak_above_inputs = torch.cuda.max_memory_allocated() - base
+    allowed = 1.25 * (inputs + gradients) + 64 * 2**20 - inputs
+    assert torch.isfinite(loss)
+    assert peak_above_inputs <= allowed, f"peak {peak_above_inputs / 2**20:.0f} MiB > {allowed / 2**20:.0f} MiB"
+
+
 def test_double_backward_is_refused():
     rng = rng_for("triton-double")
     problem = on_device(draw_problem(rng, 4, 5, 3, 0))
