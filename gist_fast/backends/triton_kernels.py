@@ -320,13 +320,17 @@ def _sweep_columns(
             rows, row_mask, cols, col_mask, thr, d, dg, offset, inv_temp,
             IS_TARGET_BLOCK, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
         )  # fmt: skip
-        if IS_TARGET_BLOCK:
-            z_target += tl.sum(tl.where(is_target, z, 0.0), axis=1)
         # Online logsumexp. A row whose entries so far are all masked keeps m = -inf; `m_safe`
         # keeps exp() away from (-inf) - (-inf).
         m_new = tl.maximum(m_i, tl.max(z, axis=1))
         m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
         p = tl.exp(z - m_safe[:, None])
+        if IS_TARGET_BLOCK:
+            # The target's share is kept apart (its logit, added to the sum at the end): l and the
+            # accumulator hold the other entries only, so the row gradient's target term
+            # (1 - P_target) p_hat is formed without cancelling against a rounded P_target.
+            z_target += tl.sum(tl.where(is_target, z, 0.0), axis=1)
+            p = tl.where(is_target, 0.0, p)
         l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(p, axis=1)
         m_i = m_new
         if WITH_GRAD:
@@ -345,7 +349,9 @@ def _sweep_columns(
                 UPCAST,
                 PRECISION,
             )
-            acc_max = m_safe
+            # -inf while the row has no unmasked entry (acc still 0): a reference of 0 there would
+            # make the next rescale exp(0 - m) overflow for logits below -88 (0 * inf = NaN).
+            acc_max = m_new
     return m_i, l_i, z_target, acc_max
 
 
@@ -456,19 +462,21 @@ def row_pass_kernel(
                 False, WITH_GRAD, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
             )  # fmt: skip
 
-        # The target is never masked, so l_i > 0 and lse is finite on valid rows.
-        l_safe = tl.where(row_mask, l_i, 1.0)
+        # l_i holds every entry but the target; the target is never masked, so l > 0 and lse is
+        # finite on valid rows (m_i is finite there: the target is one of the entries).
+        m_safe = tl.where(m_i > float("-inf"), m_i, 0.0)
+        l_safe = tl.where(row_mask, l_i + tl.exp(z_target - m_safe), 1.0)
         tl.store(lse_out + rows, m_i + tl.log(l_safe), mask=row_mask)
         tl.store(target_out + rows, z_target, mask=row_mask)
 
         if WITH_GRAD:
-            # G_ij = (P_ij - [j target]) w_i / tau with P_ij = acc-weight * exp(acc_max - m) / l.
+            # G_ij = (P_ij - [j target]) w_i / tau with P_ij = acc-weight * exp(acc_max - m) / l for
+            # the other entries; the target's G is -(1 - P_target) w_i / tau = -(l_i / l) w_i / tau.
             w = tl.load(weight_ptr + rows, mask=row_mask, other=0.0) * inv_temp
-            m_safe = tl.where(m_i > float("-inf"), m_i, 0.0)
             norm_po = _load_norms(norms_p, p_rows, row_mask)
             _store_gradient(
                 acc_a, w * tl.exp(max_a - m_safe) / l_safe, a, s_a, a_rows, row_mask, norm_a,
-                p, s_p, p_rows, w / norm_po, grad_a, a_rows, d,
+                p, s_p, p_rows, w * (l_i / l_safe) / norm_po, grad_a, a_rows, d,
                 True, False, BLOCK_M, BLOCK_K,
             )  # fmt: skip
             if CONTRAST_POSITIVES:
