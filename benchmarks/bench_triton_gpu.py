@@ -2,18 +2,19 @@
 
 What it does, in order, under one time budget (``--budget-s``, default 500 s):
 
-1. Correctness at a large shape: ``backend="triton"`` against ``backend="torch"`` (the tiled
+1. Correctness at a large shape: both plans of ``backend="triton"`` against ``backend="torch"`` (the tiled
    PyTorch path, tested equal to the reference) in bf16 and fp32, B = 16384, d = 768, dg = 1024,
    one negative column, both contrast blocks: loss and every gradient, errors relative to the
    largest magnitude.
-2. A small sweep of five tile shapes (owned, streamed, k, warps, stages) at B = 16384, d = 768; the
-   fastest is used from then on and all are recorded.
+2. A small sweep of tile shapes for each plan at B = 16384, d = 768 (five for the fused kernels, three
+   for the chunked ones); the fastest of each is used from then on and all are recorded.
 3. Forward + backward time (median of ``triton.testing.do_bench``, or CUDA events around single
    runs when one run takes seconds) and peak memory (``torch.cuda.max_memory_allocated`` above the
    inputs, gradients included) for B in {4096, ..., 1048576}, d in {768, 384, 1024} (768 first:
    the issue's targets are stated for it), dg = 1024, one negative column, both contrast blocks,
    bf16, for:
-   - ``triton``: gist_fast's fused kernels;
+   - ``triton``: gist_fast's fused kernels (the default plan);
+   - ``triton-chunked``: the chunked GEMM-shaped plan (``Chunks``, benchmarks/NOTES.md v3);
    - ``torch``: gist_fast's tiled PyTorch backend;
    - ``reference``: the materialised PyTorch loss (all B x N logits);
    - ``compiled``: ``torch.compile(dynamic=True)`` of the materialised loss;
@@ -64,11 +65,14 @@ import triton.testing  # noqa: E402
 from gist_fast.backends.reference import gist_loss_reference  # noqa: E402
 from gist_fast.backends.torch_tiled import gist_loss_torch  # noqa: E402
 from gist_fast.backends.triton_backend import Blocks, default_blocks, gist_loss_triton  # noqa: E402
+from gist_fast.backends.triton_chunked import Chunks  # noqa: E402
 from gist_fast.inputs import GISTInputs, GISTOptions, validate  # noqa: E402
 
 TEMPERATURE = 0.01
 OPTIONS = GISTOptions(temperature=TEMPERATURE, margin=0.0, contrast_anchors=True, contrast_positives=True)
-METHODS = ["triton", "torch", "reference", "compiled", "sentence-transformers"]
+METHODS = ["triton", "triton-chunked", "torch", "reference", "compiled", "sentence-transformers"]
+# The two plans of backend="triton": the fused kernels (the default) and the chunked ones (NOTES.md v3).
+TRITON_PLANS = ("triton", "triton-chunked")
 # Each configuration costs a compilation of four kernels (tens of seconds): keep the sweep short.
 # (owned, streamed, k, warps, stages); the sm_90 builds of the first four spill nothing, the last
 # spills up to 96 B (benchmarks/NOTES.md, v2b).
@@ -79,6 +83,13 @@ TUNE_CONFIGS = [
     Blocks(64, 128, 64, warps=8, stages=3),
     Blocks(64, 256, 32, warps=8, stages=3),
 ]
+# The chunked plan: default tiles (no spill), taller chunks, and 128 x 128 tiles (spill 48-80 B).
+CHUNK_CONFIGS = [
+    Chunks(),
+    Chunks(rows=16384, columns=4096),
+    Chunks(tile_m=128, tile_n=128, tile_k=32),
+]
+SMOKE_CHUNKS = Chunks(rows=16, columns=24, tile_m=16, tile_n=16, tile_k=16, gemm_m=16, gemm_n=16, gemm_k=16)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,11 +129,11 @@ def _materialised(a, p, n, ga, gp, gn):
 _compiled_materialised = None
 
 
-def method_fn(name: str, blocks: Blocks):
-    """loss(student, guide) -> scalar, for each compared method."""
+def method_fn(name: str, plans: dict[str, Blocks | Chunks]):
+    """loss(student, guide) -> scalar, for each compared method (`plans`: the tiles of each Triton plan)."""
     global _compiled_materialised
-    if name == "triton":
-        return lambda s, g: gist_loss_triton(*_validated(s, g), blocks=blocks)
+    if name in TRITON_PLANS:
+        return lambda s, g: gist_loss_triton(*_validated(s, g), blocks=plans[name])
     if name == "torch":
         return lambda s, g: gist_loss_torch(*_validated(s, g))
     if name == "reference":
@@ -215,29 +226,31 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
 
 
-def check_correctness(batch: int, dim: int, guide_dim: int, device: str, blocks: Blocks) -> list[dict]:
-    """triton against torch (tiled) on the same inputs, bf16 and fp32."""
+def check_correctness(batch: int, dim: int, guide_dim: int, device: str, plans: dict) -> list[dict]:
+    """Each Triton plan against torch (tiled) on the same inputs, bf16 and fp32."""
     rows = []
     for dtype, tol in ((torch.bfloat16, {"loss": 1e-4, "grad": 1.6e-2}), (torch.float32, {"loss": 2e-5, "grad": 1e-4})):
         student, guide = make_inputs(batch, dim, guide_dim, dtype, device, seed=1)
         results = {}
-        for name in ("triton", "torch"):
+        for name in (*TRITON_PLANS, "torch"):
             for t in student:
                 t.grad = None
-            loss = method_fn(name, blocks)(student, guide)
+            loss = method_fn(name, plans)(student, guide)
             loss.backward()
             results[name] = (loss.detach(), [t.grad.clone() for t in student])
-        (l_tr, g_tr), (l_to, g_to) = results["triton"], results["torch"]
-        loss_err = _rel_err(l_tr, l_to)
-        grad_errs = [_rel_err(a, b) for a, b in zip(g_tr, g_to, strict=True)]
-        ok = loss_err <= tol["loss"] and max(grad_errs) <= tol["grad"]
-        row = {
-            "dtype": str(dtype).removeprefix("torch."), "B": batch, "d": dim, "dg": guide_dim,
-            "loss_triton": l_tr.item(), "loss_torch": l_to.item(), "loss_rel_err": loss_err,
-            "grad_rel_err": grad_errs, "tolerance": tol, "pass": ok,
-        }  # fmt: skip
-        print(f"[check] {row}", flush=True)
-        rows.append(row)
+        l_to, g_to = results["torch"]
+        for plan in TRITON_PLANS:
+            l_tr, g_tr = results[plan]
+            loss_err = _rel_err(l_tr, l_to)
+            grad_errs = [_rel_err(a, b) for a, b in zip(g_tr, g_to, strict=True)]
+            ok = loss_err <= tol["loss"] and max(grad_errs) <= tol["grad"]
+            row = {
+                "plan": plan, "dtype": str(dtype).removeprefix("torch."), "B": batch, "d": dim, "dg": guide_dim,
+                "loss_triton": l_tr.item(), "loss_torch": l_to.item(), "loss_rel_err": loss_err,
+                "grad_rel_err": grad_errs, "tolerance": tol, "pass": ok,
+            }  # fmt: skip
+            print(f"[check] {row}", flush=True)
+            rows.append(row)
         del student, guide, results
     return rows
 
@@ -245,12 +258,18 @@ def check_correctness(batch: int, dim: int, guide_dim: int, device: str, blocks:
 def compiled_resources() -> dict[str, list[str]]:
     """Registers and spills of every kernel build Triton's JIT holds so far (the GPU's own build,
     to set beside the offline report of gist_fast.backends.triton_compile_check)."""
-    from gist_fast.backends import triton_kernels as kernels
+    from gist_fast.backends import triton_chunk_kernels, triton_kernels
 
     found: dict[str, list[str]] = {}
-    for name in ("row_pass_kernel", "column_pass_kernel"):
+    kernels = {
+        "row_pass_kernel": triton_kernels.row_pass_kernel,
+        "column_pass_kernel": triton_kernels.column_pass_kernel,
+        "tile_kernel": triton_chunk_kernels.tile_kernel,
+        "scaled_gemm_kernel": triton_chunk_kernels.scaled_gemm_kernel,
+    }
+    for name, kernel in kernels.items():
         try:
-            for cache in getattr(kernels, name).device_caches.values():
+            for cache in kernel.device_caches.values():
                 for compiled in cache[0].values():
                     compiled._init_handles()
                     found.setdefault(name, []).append(f"regs {compiled.n_regs} spills {compiled.n_spills}")
@@ -259,24 +278,24 @@ def compiled_resources() -> dict[str, list[str]]:
     return found
 
 
-def tune(batch: int, dim: int, guide_dim: int, device: str, configs: list[Blocks]) -> tuple[Blocks, list[dict]]:
-    """Time each tile configuration once at one shape; return the fastest."""
+def tune(batch: int, dim: int, guide_dim: int, device: str, plan: str, configs: list) -> tuple[object, list[dict]]:
+    """Time each tile configuration of one Triton plan once at one shape; return the fastest."""
     student, guide = make_inputs(batch, dim, guide_dim, torch.bfloat16, device)
     rows, best = [], None
-    for blocks in configs:
+    for config in configs:
         try:
-            r = measure(method_fn("triton", blocks), student, guide, None)
-            row = {"blocks": asdict(blocks), "time_s": r["time_s"], "builds_so_far": compiled_resources()}
+            r = measure(method_fn(plan, {plan: config}), student, guide, None)
+            row = {"plan": plan, "tiles": asdict(config), "time_s": r["time_s"], "builds_so_far": compiled_resources()}
             if best is None or r["time_s"] < best[1]:
-                best = (blocks, r["time_s"])
+                best = (config, r["time_s"])
         except Exception as err:  # a config that does not compile or fit is recorded and skipped
-            row = {"blocks": asdict(blocks), "error": f"{type(err).__name__}: {str(err)[:300]}"}
+            row = {"plan": plan, "tiles": asdict(config), "error": f"{type(err).__name__}: {str(err)[:300]}"}
         print(f"[tune] {row}", flush=True)
         rows.append(row)
     return (best[0] if best else configs[0]), rows
 
 
-def run_sweep(args, blocks: Blocks, deadline: float, device: str) -> list[dict]:
+def run_sweep(args, plans: dict, deadline: float, device: str) -> list[dict]:
     rows = []
     total_memory = torch.cuda.get_device_properties(0).total_memory if device == "cuda" else math.inf
     for dim in args.dims:
@@ -307,7 +326,7 @@ def run_sweep(args, blocks: Blocks, deadline: float, device: str) -> list[dict]:
                     row["status"] = "skipped: time budget spent"
                 else:
                     try:
-                        row.update(measure(method_fn(name, blocks), student, guide, predicted, deadline))
+                        row.update(measure(method_fn(name, plans), student, guide, predicted, deadline))
                         row["status"] = "ok"
                         row["tflops"] = flops / row["time_s"] / 1e12
                         rate[name] = flops / row["time_s"]
@@ -381,16 +400,17 @@ def markdown(report: dict) -> str:
         f"Forward + backward, bf16, dg = {guide_dim}, one negative column, both contrast blocks (N = 4B), "
         "temperature 0.01. Effective TFLOP/s = 2·B·N·(3d + dg) / time. Peak = max_memory_allocated "
         "above the inputs (gradients included); ratio = (inputs + peak) / (inputs + gradients).",
-        f"Tiles: {report['blocks']}.",
+        f"Tiles: {report['plans']}.",
         "",
         "## Correctness (triton vs torch, same inputs)",
         "",
-        "| dtype | B | loss rel. err | max grad rel. err | pass |",
-        "| --- | --- | --- | --- | --- |",
+        "| plan | dtype | B | loss rel. err | max grad rel. err | pass |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for c in report["correctness"]:
         lines.append(
-            f"| {c['dtype']} | {c['B']} | {c['loss_rel_err']:.2e} | {max(c['grad_rel_err']):.2e} | {c['pass']} |"
+            f"| {c['plan']} | {c['dtype']} | {c['B']} | {c['loss_rel_err']:.2e} | {max(c['grad_rel_err']):.2e} | "
+            f"{c['pass']} |"
         )
     lines += ["", "## Time and memory", "", "| d | B | method | time (ms) | TFLOP/s | peak (GiB) | ratio | status |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
@@ -456,23 +476,28 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.smoke:
         args.batches, args.dims, args.guide_dim = [16, 40], [16], 24
-        check_shape, tune_shape, configs = (24, 16, 24), (24, 16, 24), [default_blocks()]
+        check_shape, tune_shape = (24, 16, 24), (24, 16, 24)
+        configs = {"triton": [default_blocks()], "triton-chunked": [SMOKE_CHUNKS]}
     else:
         if device != "cuda":
             parser.error("no GPU: run with --smoke to check the script on the CPU")
-        check_shape, tune_shape, configs = (16384, 768, 1024), (16384, 768, 1024), TUNE_CONFIGS
+        check_shape, tune_shape = (16384, 768, 1024), (16384, 768, 1024)
+        configs = {"triton": TUNE_CONFIGS, "triton-chunked": CHUNK_CONFIGS}
     deadline = start + args.budget_s
 
     env = environment(device)
     print(f"[env] {env}", flush=True)
-    blocks = default_blocks()
-    correctness = check_correctness(*check_shape, device, blocks)
+    plans = {name: options[0] for name, options in configs.items()}
+    correctness = check_correctness(*check_shape, device, plans)
     tuning = []
     if not args.no_tune:
-        blocks, tuning = tune(*tune_shape, device, configs)
-    print(f"[tiles] using {blocks}", flush=True)
-    rows = run_sweep(args, blocks, deadline, device)
-    report = {"environment": env, "blocks": asdict(blocks), "correctness": correctness, "tuning": tuning,
+        for name, options in configs.items():
+            plans[name], rows = tune(*tune_shape, device, name, options)
+            tuning += rows
+    print(f"[tiles] using {plans}", flush=True)
+    rows = run_sweep(args, plans, deadline, device)
+    report = {"environment": env, "plans": {k: asdict(v) for k, v in plans.items()}, "correctness": correctness,
+              "tuning": tuning,
               "rows": rows, "wall_s": time.perf_counter() - start, "smoke": args.smoke}  # fmt: skip
 
     args.out.mkdir(parents=True, exist_ok=True)

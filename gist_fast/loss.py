@@ -52,7 +52,8 @@ def gist_loss(
         contrast_positives: add the positive-positive block.
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (a (B,) tensor).
         backend: ``"auto"`` (Triton on CUDA, else tiled PyTorch), ``"torch"`` (tiled, memory linear
-            in B, any device), ``"triton"`` (fused GPU kernels), ``"cpp"`` (native C++ CPU kernel,
+            in B, any device), ``"triton"`` (fused GPU kernels), ``"triton_chunked"`` (the same
+            loss on the GPU as GEMM-shaped kernels per chunk of the logits), ``"cpp"`` (native C++ CPU kernel,
             compiled with ninja on first use; 1.4-2.7x faster than ``"torch"`` on a 2-core CPU),
             ``"reference"`` (materialised, readable), or another registered backend.
         gather_across_devices: when True and torch.distributed is initialised with more than one

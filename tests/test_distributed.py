@@ -32,7 +32,7 @@ TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
 # (backend, dtype): float64 for the exact backends; the Triton kernel (interpreted on a CPU) in float32.
 BACKEND_DTYPES = [("reference", torch.float64), ("torch", torch.float64)]
 if "triton" in BACKENDS:
-    BACKEND_DTYPES.append(("triton", torch.float32))
+    BACKEND_DTYPES += [("triton", torch.float32), ("triton_chunked", torch.float32)]
 
 OPTION_SETS = [
     {"contrast_anchors": True, "contrast_positives": True, "margin_strategy": "absolute", "margin": 0.05},

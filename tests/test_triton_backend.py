@@ -1,5 +1,9 @@
 """The Triton backend against the float64 oracle: options, block edges, dtypes, offset, strides.
 
+Both plans run the matrix (`plan` parameter): the fused kernels (`Blocks`, the default) and the
+chunked GEMM-shaped kernels (`Chunks`, NOTES.md v3) with chunks small enough that every problem
+crosses row-chunk, column-chunk and tile edges.
+
 On a machine without CUDA, conftest.py sets TRITON_INTERPRET=1 so the real kernels run on the CPU
 through Triton's interpreter; shapes are small and the blocks are 16 wide there (INTERPRETER_BLOCKS),
 so a few rows and columns already cross tile edges. Tolerances as in test_loss.py
@@ -31,6 +35,7 @@ from problems import (  # noqa: E402
 import gist_fast  # noqa: E402
 from gist_fast.backends.reference import gist_loss_reference  # noqa: E402
 from gist_fast.backends.triton_backend import Blocks, gist_loss_triton, interpreting  # noqa: E402
+from gist_fast.backends.triton_chunked import Chunks  # noqa: E402
 from gist_fast.inputs import validate  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
@@ -47,11 +52,22 @@ DEFAULT_OPTIONS = {
 }
 
 
+# Under the interpreter 16-wide tiles in chunks of 16 rows x 24 columns (two tiles, one partial), so
+# B >= 17 crosses row chunks and B or P >= 25 column chunks; on a GPU (dot dims >= 16) 64 x 96.
+SMALL_CHUNKS = (
+    Chunks(rows=16, columns=24, tile_m=16, tile_n=16, tile_k=16, gemm_m=16, gemm_n=16, gemm_k=16)
+    if not ON_GPU
+    else Chunks(rows=64, columns=96, tile_m=32, tile_n=32, tile_k=32, gemm_m=32, gemm_n=32, gemm_k=32, stages=2)
+)
+PLANS = {"fused": None, "chunked": SMALL_CHUNKS}
+plan_param = pytest.mark.parametrize("plan", list(PLANS))
+
+
 def on_device(problem: Problem) -> Problem:
     return Problem([t.to(DEVICE) for t in problem.student], [t.to(DEVICE) for t in problem.guide], problem.options)
 
 
-def triton_loss(blocks: Blocks | None = None):
+def triton_loss(blocks: Blocks | Chunks | None = None):
     """`gist_loss(..., backend="triton")`, or the backend function with explicit blocks."""
     if blocks is None:
         return lambda *a, **kw: gist_fast.gist_loss(*a, **kw, backend="triton")
@@ -63,20 +79,21 @@ def triton_loss(blocks: Blocks | None = None):
     return loss_fn
 
 
-def check(problem: Problem, dtype: torch.dtype = torch.float32, blocks: Blocks | None = None) -> None:
+def check(problem: Problem, dtype: torch.dtype = torch.float32, blocks: Blocks | Chunks | None = None) -> None:
     """Loss and gradients match the oracle (which runs on the CPU in float64)."""
     problem = on_device(problem)
     assert_matches_oracle(triton_loss(blocks), problem, dtype)
 
 
+@plan_param
 @pytest.mark.parametrize("options", option_cross_product(), ids=lambda o: "-".join(str(v) for v in o.values()))
-def test_option_cross_product(options):
-    rng = rng_for("triton-options", options)
+def test_option_cross_product(options, plan):
+    rng = rng_for("triton-options", options, plan)
     problem = draw_problem(
         rng, rng.choice([2, 3, 5]), rng.choice([1, 7, 20]), rng.choice([5, 18]), rng.choice(NEGATIVE_COUNTS),
         options=options,
     )  # fmt: skip
-    check(problem)
+    check(problem, blocks=PLANS[plan])
 
 
 # (B, d, dg, k): B smaller than a block, equal to it, just over it, several blocks; d and dg
@@ -92,29 +109,32 @@ EDGE_SHAPES = [
 ]
 
 
+@plan_param
 @pytest.mark.parametrize("shape", EDGE_SHAPES, ids=lambda s: "B{}-d{}-dg{}-k{}".format(*s))
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_block_edges(shape, reduction):
+def test_block_edges(shape, reduction, plan):
     batch, dim, guide_dim, k = shape
-    rng = rng_for("triton-edges", shape, reduction)
+    rng = rng_for("triton-edges", shape, reduction, plan)
     options = draw_random_problem(rng).options | {"reduction": reduction}
-    check(draw_problem(rng, batch, dim, guide_dim, k, options=options))
+    check(draw_problem(rng, batch, dim, guide_dim, k, options=options), blocks=PLANS[plan])
 
 
+@plan_param
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("trial", range(4))
-def test_dtypes(dtype, trial):
-    rng = rng_for("triton-dtype", dtype, trial)
-    check(draw_random_problem(rng, max_batch=17, dims=[1, 7, 24, 40]), dtype)
+def test_dtypes(dtype, trial, plan):
+    rng = rng_for("triton-dtype", dtype, trial, plan)
+    check(draw_random_problem(rng, max_batch=17, dims=[1, 7, 24, 40]), dtype, blocks=PLANS[plan])
 
 
 @pytest.mark.skipif(not ON_GPU, reason="realistic feature dims take minutes under the interpreter")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("dims", [(384, 1024), (768, 1024), (1024, 768), (1536, 384), (4096, 1024), (7, 1)])
-def test_feature_dims_gpu(dims, dtype):
-    rng = rng_for("triton-dims", dims, dtype)
+@plan_param
+def test_feature_dims_gpu(dims, dtype, plan):
+    rng = rng_for("triton-dims", dims, dtype, plan)
     batch = rng.choice([200, 1000, 1500])
-    check(draw_problem(rng, batch, dims[0], dims[1], 1, options={"temperature": 0.05}), dtype)
+    check(draw_problem(rng, batch, dims[0], dims[1], 1, options={"temperature": 0.05}), dtype, blocks=PLANS[plan])
 
 
 @pytest.mark.parametrize(
@@ -141,9 +161,10 @@ def _gathered(rng, batch: int, world: int, rank: int, k: int, dtype: torch.dtype
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("world,rank", [(2, 1), (3, 1), (3, 2)])
-def test_gather_offset(world, rank, dtype):
+@plan_param
+def test_gather_offset(world, rank, dtype, plan):
     """P = world * B candidates; anchor i's target is column offset + i (offset = rank * B)."""
-    rng = rng_for("triton-offset", world, rank, dtype)
+    rng = rng_for("triton-offset", world, rank, dtype, plan)
     batch, k = rng.choice([3, 17]), rng.choice([0, 1, 2])
     student, guide = _gathered(rng, batch, world, rank, k, dtype)
     options = {
@@ -167,7 +188,7 @@ def test_gather_offset(world, rank, dtype):
 
     wide = ([t.double() for t in student], [t.double() for t in guide])
     expected_loss, expected_grads = run(gist_loss_reference, wide, "cpu")
-    loss, grads = run(gist_loss_triton, (student, guide), DEVICE)
+    loss, grads = run(lambda i, o: gist_loss_triton(i, o, blocks=PLANS[plan]), (student, guide), DEVICE)
     # Error floors as in problems.assert_matches_oracle: logits scale like 1/temperature, and the
     # normalisation's projection cancels terms of size weight/temperature/|x| (x B rows for sums).
     tol, logit_scale = TOLERANCES[dtype], 1.0 / options["temperature"]
@@ -219,13 +240,35 @@ def problem_weight(problem: Problem) -> torch.Tensor:
     return upstream_weight(problem, torch.float32).to(DEVICE)
 
 
-def test_exact_ties_are_kept():
+@plan_param
+def test_exact_ties_are_kept(plan):
     """A guide of dimension 1 makes every guide cosine exactly +-1: with margin 0 every candidate
     on the positive's side ties with the threshold and must be kept (strict rule), as in float64."""
-    rng = rng_for("triton-ties")
+    rng = rng_for("triton-ties", plan)
     for margin in (0.0, 0.1, -0.1):
         problem = draw_problem(rng, 21, 8, 1, 1, options={"margin": margin, "temperature": 0.1})
-        check(problem)
+        check(problem, blocks=PLANS[plan])
+
+
+@plan_param
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("margin", [0.0, 2.0])
+def test_every_logit_far_below_zero(plan, reduction, margin):
+    """d = 1 with every anchor opposite every candidate: all logits are -1/tau = -100, so exp() of
+    them underflows in fp32 and the online max starts far below 0. With margin 2 the guide masks
+    every entry but the target, so rows whose target lies past the first tile or chunk see only
+    masked entries first. A rescale factor formed against a reference of 0 for a still-empty
+    accumulator (exp(0 - (-100)) = inf, times 0) made NaNs here: in the fused row pass since
+    session 1, and in a first version of the chunked plan."""
+    rng = rng_for("triton-far-below", plan, reduction, margin)
+    options = {
+        "temperature": 0.01, "margin": margin, "reduction": reduction,
+        "contrast_anchors": False, "contrast_positives": False,
+    }  # fmt: skip
+    problem = draw_problem(rng, 20, 1, 3, 1, options=options)
+    anchor, *candidates = problem.student
+    problem.student = [-anchor.abs() - 0.1] + [t.abs() + 0.1 for t in candidates]
+    check(problem, blocks=PLANS[plan])
 
 
 def test_loss_backward_and_determinism():
@@ -339,7 +382,7 @@ def _build_report(*args: str) -> dict[str, dict[str, int]]:
     for line in run.stdout.splitlines():
         name, _, fields = line.partition(": ")
         report[name] = {key: int(value) for key, value in re.findall(r"([A-Z_]+):(-?\d+)", fields)}
-    assert len(report) == 5, run.stdout
+    assert len(report) == 9, run.stdout
     return report
 
 

@@ -21,6 +21,7 @@ _BACKENDS: dict[str, tuple[str, str]] = {
     "reference": ("gist_fast.backends.reference", "gist_loss_reference"),
     "torch": ("gist_fast.backends.torch_tiled", "gist_loss_torch"),
     "triton": ("gist_fast.backends.triton_backend", "gist_loss_triton"),
+    "triton_chunked": ("gist_fast.backends.triton_backend", "gist_loss_triton_chunked"),
     "cpp": ("gist_fast.backends.cpp_backend", "gist_loss_cpp"),
 }
 

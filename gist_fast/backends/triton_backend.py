@@ -23,6 +23,7 @@ from torch import Tensor
 from ..inputs import NORM_EPS, GISTInputs, GISTOptions
 from . import triton_kernels as K
 from .common import reduce, refuse_double_backward, row_weight
+from .triton_chunked import Chunks, run_chunked
 
 RETAIN_GRAPH_ERROR = (
     "gist_fast: the Triton backend computes the gradients of reduction='mean'/'sum' in the forward "
@@ -80,6 +81,14 @@ class Blocks:
 # build (triton 3.9) spills nothing in either pass (benchmarks/NOTES.md); bench_triton_gpu.py sweeps others.
 GPU_BLOCKS = Blocks(64, 128, 32, warps=8, stages=3)
 INTERPRETER_BLOCKS = Blocks(16, 16, 16, programs=3)
+
+
+# The chunked plan under the interpreter: 16-wide tiles, chunks of 64 x 64.
+INTERPRETER_CHUNKS = Chunks(rows=64, columns=64, tile_m=16, tile_n=16, tile_k=16, gemm_m=16, gemm_n=16, gemm_k=16)
+
+
+def default_chunks() -> Chunks:
+    return INTERPRETER_CHUNKS if interpreting() else Chunks()
 
 
 def default_blocks() -> Blocks:
@@ -218,9 +227,11 @@ def _kernel_flags(problem: _Problem) -> dict:
     return {"UPCAST": upcast, "PRECISION": "ieee"}
 
 
-def _run_passes(problem: _Problem, weight: Tensor, with_grad: bool, blocks: Blocks):
-    """Pass 1 (and, with_grad, pass 2). Returns lse, the target logits and the gradients
-    (anchor, positive, (k, P, d) negatives) or None."""
+def _run_passes(problem: _Problem, weight: Tensor, with_grad: bool, blocks: Blocks | Chunks):
+    """Pass 1 (and, with_grad, pass 2) of the fused plan (`Blocks`) or the chunked one (`Chunks`).
+    Returns lse, the target logits and the gradients (anchor, positive, (k, P, d) negatives) or None."""
+    if isinstance(blocks, Chunks):
+        return run_chunked(problem, weight, with_grad, blocks, _kernel_flags(problem))
     B, P, k, d = problem.B, problem.P, problem.k, problem.a.shape[1]
     dev = problem.a.device
     o = problem.options
@@ -299,7 +310,7 @@ def _split(grads: tuple[Tensor, Tensor, Tensor]) -> list[Tensor]:
 
 class _GISTTritonFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, options: GISTOptions, num_negatives: int, blocks: Blocks, *tensors: Tensor):
+    def forward(ctx, options: GISTOptions, num_negatives: int, blocks: Blocks | Chunks, *tensors: Tensor):
         k = num_negatives
         student, guide = tensors[: 2 + k], tensors[2 + k :]
         problem = _prepare(student, guide, options)
@@ -349,7 +360,7 @@ class _GISTTritonFunction(torch.autograd.Function):
         return (None, None, None, *student, *([None] * (2 + k)))
 
 
-def gist_loss_triton(inputs: GISTInputs, options: GISTOptions, *, blocks: Blocks | None = None) -> Tensor:
+def gist_loss_triton(inputs: GISTInputs, options: GISTOptions, *, blocks: Blocks | Chunks | None = None) -> Tensor:
     """Fused two-pass GIST loss in Triton (CUDA, or the CPU interpreter with TRITON_INTERPRET=1).
 
     Exactly the loss of DESIGN.md 1 (as ``backend="reference"``), with memory linear in B: the
@@ -363,8 +374,9 @@ def gist_loss_triton(inputs: GISTInputs, options: GISTOptions, *, blocks: Blocks
         inputs: validated embeddings: anchor (B, d), positive (P, d), k negatives (P, d) each,
             guide_anchor (B, dg), guide_positive (P, dg), k guide negatives (P, dg).
         options: validated options (temperature, margin, contrast flags, reduction, offset).
-        blocks: tile sizes and program count (default: `GPU_BLOCKS`, or `INTERPRETER_BLOCKS`
-            under the interpreter).
+        blocks: the plan: `Blocks` (the fused kernels; default `GPU_BLOCKS`, or
+            `INTERPRETER_BLOCKS` under the interpreter) or `Chunks` (the chunked GEMM-shaped kernels,
+            benchmarks/NOTES.md v3).
 
     Returns:
         The loss: a float32 scalar, or a (B,) vector for ``reduction="none"``.
@@ -387,3 +399,19 @@ def gist_loss_triton(inputs: GISTInputs, options: GISTOptions, *, blocks: Blocks
             "to run its kernels on the CPU); use backend='torch' on the CPU"
         )
     return _GISTTritonFunction.apply(options, len(inputs.negatives), blocks or default_blocks(), *tensors)
+
+
+def gist_loss_triton_chunked(inputs: GISTInputs, options: GISTOptions) -> Tensor:
+    """``backend="triton_chunked"``: the Triton backend with the chunked plan (`Chunks`,
+    benchmarks/NOTES.md v3): per chunk of rows x columns, a tile kernel writes the probabilities
+    and a Triton GEMM multiplies them into fp32 gradient accumulators. Same loss, dtypes and
+    memory bound as ``backend="triton"`` (see `gist_loss_triton` for arguments and returns).
+
+    Example:
+        >>> import torch, gist_fast
+        >>> a, p = torch.randn(2, 65536, 768, device="cuda", dtype=torch.bfloat16).unbind(0)
+        >>> ga, gp = torch.randn(2, 65536, 1024, device="cuda", dtype=torch.bfloat16).unbind(0)
+        >>> a.requires_grad_()
+        >>> gist_fast.gist_loss(a, p, ga, gp, backend="triton_chunked").backward()
+    """
+    return gist_loss_triton(inputs, options, blocks=default_chunks())

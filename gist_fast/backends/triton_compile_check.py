@@ -30,11 +30,16 @@ from dataclasses import dataclass, replace
 import triton
 from triton.backends.compiler import GPUTarget
 
+from . import triton_chunk_kernels as CK
 from . import triton_kernels as K
 from .triton_backend import GPU_BLOCKS, Blocks
+from .triton_chunked import Chunks
 
-_STUDENT = {"a", "p", "n", "ga", "gp", "gn", "grad_a", "grad_p", "out", "x", "y"}
-_FP32_PTRS = {"norms", "gnorms", "thr_ptr", "weight_ptr", "lse_out", "target_out", "lse_ptr", "scratch"}
+_STUDENT = {"a", "p", "n", "ga", "gp", "gn", "grad_a", "grad_p", "out", "x", "y", "gx", "gy", "w_out", "b"}
+_FP32_PTRS = {
+    "norms", "gnorms", "thr_ptr", "weight_ptr", "lse_out", "target_out", "lse_ptr", "scratch",
+    "norms_x", "gnorms_x", "norms_y", "gnorms_y", "tile_max", "tile_sum", "alpha", "row_scale", "k_scale",
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -54,13 +59,16 @@ class Build:
         )
 
 
-def _sample_ints(d: int, dg: int, rows: int = 65536, negatives: int = 1) -> dict[str, int]:
+def _sample_ints(d: int, dg: int, rows: int = 65536, negatives: int = 1, chunk: int = 8192) -> dict[str, int]:
     """Integer arguments of a contiguous problem with B = P = rows (their divisibility is what the
-    JIT specialises on)."""
+    JIT specialises on); the chunked kernels' chunk is chunk x chunk in 128-wide tiles."""
+    tiles = chunk // 128
     return {
         "B": rows, "P": rows, "d": d, "dg": dg, "offset": 0, "num_neg": negatives,
         "s_a": d, "s_p": d, "s_nm": rows * d, "s_n": d, "s_ga": dg, "s_gp": dg, "s_gnm": rows * dg, "s_gn": dg,
-        "n_rows": rows, "dim": d, "s_x": d, "s_y": d,
+        "n_rows": rows, "dim": d, "s_x": d, "s_y": d, "s_gx": dg, "s_gy": dg,
+        "x_shift": 0, "row0": 0, "col0": 0, "n_cols": chunk, "s_w": chunk, "s_t": tiles,
+        "s_out": d, "b_row0": 0, "s_b": d, "s_rs": tiles, "M": chunk, "N": d, "K": chunk,
     }  # fmt: skip
 
 
@@ -71,7 +79,7 @@ def _signature(fn, dtype: str, constexprs: dict, ints: dict[str, int]) -> tuple[
         if name in constexprs:
             sig[name] = "constexpr"
             continue
-        if name in _FP32_PTRS or (name == "out" and fn is K.row_dots_kernel):
+        if name in _FP32_PTRS or (name == "out" and fn in (K.row_dots_kernel, CK.scaled_gemm_kernel)):
             sig[name] = "*fp32"
         elif name in _STUDENT:
             sig[name] = f"*{dtype}"
@@ -86,20 +94,38 @@ def _signature(fn, dtype: str, constexprs: dict, ints: dict[str, int]) -> tuple[
     return sig, attrs
 
 
-def kernel_variants(blocks: Blocks) -> list[tuple[str, object, dict]]:
-    """(name, kernel, constexprs) of every launch of a forward+backward with both contrast blocks."""
+DEFAULT_CHUNKS = Chunks()
+
+
+def kernel_variants(blocks: Blocks, chunks: Chunks = DEFAULT_CHUNKS) -> list[tuple[str, object, dict, dict]]:
+    """(name, kernel, constexprs, launch options) of every launch of a forward+backward with both
+    contrast blocks, for the fused plan (`blocks`) and the chunked one (`chunks`)."""
     dots = {"UPCAST": False, "PRECISION": "ieee"}
     flags = {"CONTRAST_ANCHORS": True, "CONTRAST_POSITIVES": True, "WITH_GRAD": True}
-    variants = [("row_pass", K.row_pass_kernel, blocks.row_pass() | dots | flags)]
+    fused = {"num_warps": blocks.warps, "num_stages": blocks.stages}
+    variants = [("row_pass", K.row_pass_kernel, blocks.row_pass() | dots | flags, fused)]
     variants += [
         (
             f"column_pass[source={s}]",
             K.column_pass_kernel,
             blocks.column_pass() | dots | {"SOURCE": s, "CONTRAST_POSITIVES": True},
+            fused,
         )
         for s in (0, 1, 2)
     ]
-    variants.append(("row_dots", K.row_dots_kernel, {"BLOCK_R": 16, "BLOCK_K": 64}))
+    variants.append(("row_dots", K.row_dots_kernel, {"BLOCK_R": 16, "BLOCK_K": 64}, fused))
+    tile = {"BLOCK_M": chunks.tile_m, "BLOCK_N": chunks.tile_n, "BLOCK_K": chunks.tile_k} | dots
+    gemm = {"BLOCK_M": chunks.gemm_m, "BLOCK_N": chunks.gemm_n, "BLOCK_K": chunks.gemm_k, "TILE": chunks.tile_n} | dots
+    tile_opts = {"num_warps": chunks.tile_warps, "num_stages": chunks.stages}
+    gemm_opts = {"num_warps": chunks.gemm_warps, "num_stages": chunks.stages}
+    pass1 = {"A_TRANSPOSED": False, "HAS_ALPHA": True, "HAS_ROW_SCALE": True}
+    pass2 = {"A_TRANSPOSED": True, "HAS_ALPHA": False, "HAS_ROW_SCALE": False}
+    variants += [
+        ("chunk_tile[pass1]", CK.tile_kernel, tile | {"MODE": 0, "IS_TARGET_BLOCK": True, "WRITE_W": True}, tile_opts),
+        ("chunk_tile[pass2]", CK.tile_kernel, tile | {"MODE": 1, "IS_TARGET_BLOCK": True, "WRITE_W": True}, tile_opts),
+        ("chunk_gemm[pass1]", CK.scaled_gemm_kernel, gemm | pass1, gemm_opts),
+        ("chunk_gemm[pass2]", CK.scaled_gemm_kernel, gemm | pass2, gemm_opts),
+    ]
     return variants
 
 
@@ -116,7 +142,11 @@ def _registers_and_spill(cubin: bytes) -> tuple[int, int]:
 
 
 def compile_all(
-    blocks: Blocks = GPU_BLOCKS, dtype: str = "bf16", dims: tuple[int, int] = (768, 1024), capability: int = 90
+    blocks: Blocks = GPU_BLOCKS,
+    dtype: str = "bf16",
+    dims: tuple[int, int] = (768, 1024),
+    capability: int = 90,
+    chunks: Chunks = DEFAULT_CHUNKS,
 ) -> dict[str, Build]:
     """Compile every kernel variant for `capability`; return name -> Build."""
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -124,10 +154,12 @@ def compile_all(
     target = GPUTarget("cuda", capability, 32)
     ints = _sample_ints(*dims)
     report = {}
-    for name, kernel, constexprs in kernel_variants(blocks):
-        signature, attrs = _signature(kernel, dtype, constexprs, ints)
+    for name, kernel, constexprs, options in kernel_variants(blocks, chunks):
+        # The GEMM's A is a chunk matrix: its row stride is the chunk's width, not an input's.
+        kernel_ints = ints | {"s_a": ints["s_w"]} if kernel is CK.scaled_gemm_kernel else ints
+        signature, attrs = _signature(kernel, dtype, constexprs, kernel_ints)
         src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-        compiled = triton.compile(src, target=target, options={"num_warps": blocks.warps, "num_stages": blocks.stages})
+        compiled = triton.compile(src, target=target, options=options)
         ptx = compiled.asm["ptx"]
         report[name] = Build(
             *_registers_and_spill(compiled.asm["cubin"]),
@@ -144,6 +176,9 @@ def main(argv: list[str]) -> int:
         "--blocks", nargs=4, type=int, metavar=("OWNED", "STREAMED", "K", "WARPS"), help="tile shape and warps"
     )
     parser.add_argument("--stages", type=int, default=GPU_BLOCKS.stages, help="software-pipelining stages")
+    parser.add_argument("--chunk-tile", nargs=4, type=int, metavar=("M", "N", "K", "WARPS"), help="chunked tile kernel")
+    parser.add_argument("--chunk-gemm", nargs=4, type=int, metavar=("M", "N", "K", "WARPS"), help="chunked GEMM")
+    parser.add_argument("--chunk-stages", type=int, default=DEFAULT_CHUNKS.stages, help="stages of the chunked kernels")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--dims", nargs=2, type=int, default=[768, 1024], metavar=("D", "DG"), help="feature dims")
     args = parser.parse_args(argv)
@@ -152,7 +187,14 @@ def main(argv: list[str]) -> int:
         owned, streamed, k, warps = args.blocks
         blocks = replace(blocks, owned=owned, streamed=streamed, k=k, warps=warps)
     blocks = replace(blocks, stages=args.stages)
-    for name, build in compile_all(blocks, args.dtype, tuple(args.dims)).items():
+    chunks = replace(DEFAULT_CHUNKS, stages=args.chunk_stages)
+    if args.chunk_tile:
+        m, n, k, warps = args.chunk_tile
+        chunks = replace(chunks, tile_m=m, tile_n=n, tile_k=k, tile_warps=warps)
+    if args.chunk_gemm:
+        m, n, k, warps = args.chunk_gemm
+        chunks = replace(chunks, gemm_m=m, gemm_n=n, gemm_k=k, gemm_warps=warps)
+    for name, build in compile_all(blocks, args.dtype, tuple(args.dims), chunks=chunks).items():
         print(f"{name}: {build}")
     return 0
 

@@ -1,0 +1,189 @@
+"""Triton kernels of the chunked GIST loss (benchmarks/NOTES.md, v3): GEMM-shaped, no scratch.
+
+The fused kernels (`triton_kernels`) keep each program's row-side gradient (rows x d in fp32) in an
+L2 scratch, which caps them near 33 FLOP/byte. Here the work is cut into chunks of R anchor rows x
+C columns of one block, and each chunk runs two kernels whose tiles have a GEMM's traffic:
+
+- `tile_kernel`: the masked logits z of a BLOCK_M x BLOCK_N tile (student and guide dots, the
+  guide's mask: `_logit_tile`, shared with the fused kernels), then
+  - pass 1 (MODE 0): W = exp(z - m_t) with m_t the row's max in this tile (so 0 <= W <= 1 in any
+    dtype), m_t and the row's sum of W in fp32, and the target logit z_{i,o+i} (block AP; the
+    target's own entry is left out of W and the sum);
+  - pass 2 (MODE 1): H = exp(z - lse_i) - [j target] in [-1, 1].
+- `scaled_gemm_kernel`: out = alpha * out + (A * row_scale * k_scale) @ B into an fp32 accumulator,
+  where A is a W or H chunk and B rows of an input: the online-softmax rescale (alpha, and
+  row_scale = exp(m_t - M) per row and tile) and the 1/|y| or w/(tau |x|) factors (k_scale) are
+  applied to the A tile in fp32 before it goes to the tensor cores.
+
+The orchestration over chunks, the online max across chunks and the normalisation Jacobian are
+in `triton_chunked`.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .triton_kernels import _load_norms, _logit_tile
+
+
+@triton.jit
+def tile_kernel(
+    # the row input (student, guide; row i of the block is row x_shift + i) and its norms
+    x,
+    s_x,
+    gx,
+    s_gx,
+    norms_x,
+    gnorms_x,
+    x_shift,
+    # the column input (column j of the block is row j) and its norms
+    y,
+    s_y,
+    gy,
+    s_gy,
+    norms_y,
+    gnorms_y,
+    # per anchor row: threshold, lse (MODE 1); the target logits out (MODE 0, AP)
+    thr_ptr,
+    lse_ptr,
+    target_out,
+    # the chunk: anchor rows row0 + [0, n_rows), block columns col0 + [0, n_cols)
+    row0,
+    n_rows,
+    col0,
+    n_cols,
+    # outputs: W or H (n_rows x n_cols, row stride s_w); per (row, tile) max and sum (MODE 0)
+    w_out,
+    s_w,
+    tile_max,
+    tile_sum,
+    s_t,
+    d,
+    dg,
+    offset,
+    inv_temp,
+    MODE: tl.constexpr,
+    IS_TARGET_BLOCK: tl.constexpr,
+    WRITE_W: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One tile of a chunk; grid (cdiv(n_rows, BLOCK_M), cdiv(n_cols, BLOCK_N))."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    local_rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    local_cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = local_rows < n_rows
+    col_mask = local_cols < n_cols
+    rows = row0 + local_rows  # anchor i
+    cols = col0 + local_cols  # block column j
+    x_rows = rows.to(tl.int64) + x_shift
+    y_cols = cols.to(tl.int64)
+    norm_x = _load_norms(norms_x, x_rows, row_mask)
+    gnorm_x = _load_norms(gnorms_x, x_rows, row_mask)
+    norm_y = _load_norms(norms_y, y_cols, col_mask)
+    gnorm_y = _load_norms(gnorms_y, y_cols, col_mask)
+    thr = tl.load(thr_ptr + rows, mask=row_mask, other=0.0)
+    z, is_target = _logit_tile(
+        x, s_x, gx, s_gx, x_rows, norm_x, gnorm_x, y, s_y, gy, s_gy, y_cols, norm_y, gnorm_y,
+        rows, row_mask, cols, col_mask, thr, d, dg, offset, inv_temp,
+        IS_TARGET_BLOCK, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
+    )  # fmt: skip
+    tile_mask = row_mask[:, None] & col_mask[None, :]
+    w_ptr = w_out + local_rows.to(tl.int64)[:, None] * s_w + local_cols[None, :]
+    if MODE == 0:
+        # A row with every entry of this tile masked has m_t = -inf and W = 0.
+        m_t = tl.max(z, axis=1)
+        m_safe = tl.where(m_t > float("-inf"), m_t, 0.0)
+        e = tl.exp(z - m_safe[:, None])
+        if IS_TARGET_BLOCK:
+            # The target's share is left out of W and the sum (its logit is recorded below), so the
+            # row gradient's target term (1 - P_target) p_hat is formed without cancellation.
+            e = tl.where(is_target, 0.0, e)
+        t_ptr = local_rows.to(tl.int64) * s_t + pid_n
+        tl.store(tile_max + t_ptr, m_t, mask=row_mask)
+        tl.store(tile_sum + t_ptr, tl.sum(e, axis=1), mask=row_mask)
+        if WRITE_W:
+            tl.store(w_ptr, e.to(w_out.dtype.element_ty), mask=tile_mask)
+        if IS_TARGET_BLOCK:
+            # Each row's target column o + i lies in exactly one tile of AP; that tile records z.
+            has_target = tl.max(is_target.to(tl.int32), axis=1) > 0
+            z_target = tl.sum(tl.where(is_target, z, 0.0), axis=1)
+            tl.store(target_out + rows, z_target, mask=row_mask & has_target)
+    else:
+        lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+        prob = tl.exp(z - lse[:, None])  # masked entries and invalid rows: exp(-inf) = 0
+        # The target term P - 1 is formed in fp32 (it cancels when P is close to 1).
+        h = tl.where(is_target, prob - 1.0, prob)
+        tl.store(w_ptr, h.to(w_out.dtype.element_ty), mask=tile_mask)
+
+
+@triton.jit
+def scaled_gemm_kernel(
+    out,
+    s_out,
+    a,
+    s_a,
+    b,
+    s_b,
+    b_row0,
+    alpha,
+    row_scale,
+    s_rs,
+    k_scale,
+    M,
+    N,
+    K,
+    A_TRANSPOSED: tl.constexpr,
+    HAS_ALPHA: tl.constexpr,
+    HAS_ROW_SCALE: tl.constexpr,
+    TILE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """out[m, n] = alpha[m] out[m, n] + sum_k A[m, k] row_scale[m, k // TILE] k_scale[k] b[b_row0 + k, n].
+
+    out: fp32 (M x N), row stride s_out. A: M x K, A[m, k] = a[m * s_a + k], or a[k * s_a + m] when
+    A_TRANSPOSED (a chunk read transposed). b: rows of an input with contiguous features. TILE must
+    be a multiple of BLOCK_K, so a K step lies in one tile of row_scale (M x cdiv(K, TILE), row
+    stride s_rs). The scaled A tile is rounded to b's dtype for the tensor cores; the sum is fp32."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = rm < M
+    n_mask = rn < N
+    rm64 = rm.to(tl.int64)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_mask = rk < K
+        ab_mask = m_mask[:, None] & k_mask[None, :]
+        if A_TRANSPOSED:
+            av = tl.load(a + rk.to(tl.int64)[None, :] * s_a + rm[:, None], mask=ab_mask, other=0.0)
+        else:
+            av = tl.load(a + rm64[:, None] * s_a + rk[None, :], mask=ab_mask, other=0.0)
+        scale = tl.load(k_scale + rk, mask=k_mask, other=0.0)[None, :]
+        if HAS_ROW_SCALE:
+            scale = scale * tl.load(row_scale + rm64 * s_rs + k0 // TILE, mask=m_mask, other=0.0)[:, None]
+        b_rows = b_row0 + rk.to(tl.int64)
+        bv = tl.load(b + b_rows[:, None] * s_b + rn[None, :], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if UPCAST:  # the interpreter's bf16 dot is wrong (DESIGN.md 4)
+            av = av.to(tl.float32) * scale
+            bv = bv.to(tl.float32)
+        else:
+            av = (av.to(tl.float32) * scale).to(bv.dtype)
+        acc = tl.dot(av, bv, acc, input_precision=PRECISION)
+    o_ptr = out + rm64[:, None] * s_out + rn[None, :]
+    o_mask = m_mask[:, None] & n_mask[None, :]
+    previous = tl.load(o_ptr, mask=o_mask, other=0.0)
+    if HAS_ALPHA:
+        previous = previous * tl.load(alpha + rm, mask=m_mask, other=0.0)[:, None]
+    tl.store(o_ptr, previous + acc, mask=o_mask)
