@@ -295,7 +295,8 @@ def test_loss_backward_and_determinism():
 
 
 @pytest.mark.skipif(not ON_GPU, reason="peak GPU memory needs CUDA")
-def test_peak_memory_is_linear_in_the_batch():
+@pytest.mark.parametrize("backend", ["triton", "triton_chunked"])
+def test_peak_memory_is_linear_in_the_batch(backend):
     """Issue 3's memory target at B = 65536, d = 768, dg = 1024, one negative, bf16: the peak above
     the inputs is at most 1.25 x (inputs + their gradients) + 64 MB - inputs, i.e. no B x N buffer."""
     batch, dim, guide_dim = 65536, 768, 1024
@@ -309,7 +310,7 @@ def test_peak_memory_is_linear_in_the_batch():
     gradients = sum(t.numel() * t.element_size() for t in student)
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    loss = gist_fast.gist_loss(student[0], student[1], guide[0], guide[1], student[2:], guide[2:], backend="triton")
+    loss = gist_fast.gist_loss(student[0], student[1], guide[0], guide[1], student[2:], guide[2:], backend=backend)
     loss.backward()
     torch.cuda.synchronize()
     peak_above_inputs = torch.cuda.max_memory_allocated() - base
