@@ -319,6 +319,34 @@ def test_peak_memory_is_linear_in_the_batch(backend):
     assert peak_above_inputs <= allowed, f"peak {peak_above_inputs / 2**20:.0f} MiB > {allowed / 2**20:.0f} MiB"
 
 
+def test_chunk_shape_is_capped_by_the_inputs():
+    """The chunked plan's R x C matrix is capped by B and P, and halved (the larger side first)
+    until it is at most 1/8 of the inputs' bytes (but never below 4 Mi entries or one tile)."""
+    from types import SimpleNamespace
+
+    from gist_fast.backends.triton_chunked import _chunk_shape
+
+    def problem(batch, dim, guide_dim, k=1):
+        student = torch.empty(batch, dim, dtype=torch.bfloat16)
+        guide = torch.empty(batch, guide_dim, dtype=torch.bfloat16)
+        n, gn = torch.empty(k, batch, dim, dtype=torch.bfloat16), torch.empty(k, batch, guide_dim, dtype=torch.bfloat16)
+        return SimpleNamespace(B=batch, P=batch, a=student, p=student, n=n, ga=guide, gp=guide, gn=gn)
+
+    chunks = Chunks()
+    assert _chunk_shape(problem(100, 8, 8), chunks) == (100, 100)  # capped by B
+    # B = 65536, d = 768, dg = 1024, k = 1: 705 MB of inputs -> at most 44 Mi bf16 entries.
+    rows, cols = _chunk_shape(problem(65536, 768, 1024), chunks)
+    assert (rows, cols) == (4096, 8192)  # rows halved first on a tie
+    # B = 2^20: the full 8192 x 8192 chunk is far below 1/8 of the inputs.
+    big = SimpleNamespace(**vars(problem(1, 768, 1024)))
+    big.B = big.P = 2**20
+    big.a = big.p = torch.empty(2**20, 768, dtype=torch.bfloat16, device="meta")
+    assert _chunk_shape(big, chunks) == (8192, 8192)
+    # Small inputs: never below 4 Mi entries.
+    rows, cols = _chunk_shape(problem(4096, 64, 64), chunks)
+    assert rows * cols == 4 << 20 and (rows, cols) == (2048, 2048)
+
+
 def test_double_backward_is_refused():
     rng = rng_for("triton-double")
     problem = on_device(draw_problem(rng, 4, 5, 3, 0))
