@@ -175,11 +175,12 @@ def scaled_gemm_kernel(
             scale = scale * tl.load(row_scale + rm64 * s_rs + k0 // TILE, mask=m_mask, other=0.0)[:, None]
         b_rows = b_row0 + rk.to(tl.int64)
         bv = tl.load(b + b_rows[:, None] * s_b + rn[None, :], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        if UPCAST:  # the interpreter's bf16 dot is wrong (DESIGN.md 4)
-            av = av.to(tl.float32) * scale
+        # The scaled A tile is rounded to b's dtype for the tensor cores; under the interpreter,
+        # whose 16-bit dot is wrong (DESIGN.md 4), the same rounding is kept and the dot run in fp32.
+        av = (av.to(tl.float32) * scale).to(b.dtype.element_ty)
+        if UPCAST:
+            av = av.to(tl.float32)
             bv = bv.to(tl.float32)
-        else:
-            av = (av.to(tl.float32) * scale).to(bv.dtype)
         acc = tl.dot(av, bv, acc, input_precision=PRECISION)
     o_ptr = out + rm64[:, None] * s_out + rn[None, :]
     o_mask = m_mask[:, None] & n_mask[None, :]
