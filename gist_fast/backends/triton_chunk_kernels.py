@@ -6,14 +6,16 @@ C columns of one block, and each chunk runs two kernels whose tiles have a GEMM'
 
 - `tile_kernel`: the masked logits z of a BLOCK_M x BLOCK_N tile (student and guide dots, the
   guide's mask: `_logit_tile`, shared with the fused kernels), then
-  - pass 1 (MODE 0): W = exp(z - m_t) with m_t the row's max in this tile (so 0 <= W <= 1 in any
-    dtype), m_t and the row's sum of W in fp32, and the target logit z_{i,o+i} (block AP; the
-    target's own entry is left out of W and the sum);
-  - pass 2 (MODE 1): H = exp(z - lse_i) - [j target] in [-1, 1].
+  - pass 1 (MODE 0): e = exp(z) / 2^q_t with q_t the row's max in this tile rounded up to a whole
+    power of two (so e <= 1), q_t and the row's sum of e in fp32, W = e / |y_j| / 2^k_t (at most 1,
+    k_t recorded), and the target logit z_{i,o+i} (block AP; the target's own entry is left out of
+    W and the sum);
+  - pass 2 (MODE 1): H = (exp(z - lse_i) - [j target]) w_i / (tau |x_i|) / 2^kappa_i in [-1, 1].
+  W and H are the only values rounded to 16 bits: every other factor is an exact power of two.
 - `scaled_gemm_kernel`: out = alpha * out + (A * row_scale * k_scale) @ B into an fp32 accumulator,
   where A is a W or H chunk and B rows of an input: the online-softmax rescale (alpha, and
-  row_scale = exp(m_t - M) per row and tile) and the 1/|y| or w/(tau |x|) factors (k_scale) are
-  applied to the A tile in fp32 before it goes to the tensor cores.
+  row_scale = 2^(q_t + k_t - Q) per row and tile) and the 2^kappa factors (k_scale) are powers of
+  two applied to the A tile before it goes to the tensor cores, so they round nothing.
 
 The orchestration over chunks, the online max across chunks and the normalisation Jacobian are
 in `triton_chunked`.
@@ -25,6 +27,8 @@ import triton
 import triton.language as tl
 
 from .triton_kernels import _load_norms, _logit_tile
+
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -58,7 +62,9 @@ def tile_kernel(
     s_w,
     tile_max,
     tile_sum,
+    tile_exp,
     s_t,
+    row_coef,
     d,
     dg,
     offset,
@@ -96,19 +102,28 @@ def tile_kernel(
     tile_mask = row_mask[:, None] & col_mask[None, :]
     w_ptr = w_out + local_rows.to(tl.int64)[:, None] * s_w + local_cols[None, :]
     if MODE == 0:
-        # A row with every entry of this tile masked has m_t = -inf and W = 0.
-        m_t = tl.max(z, axis=1)
-        m_safe = tl.where(m_t > float("-inf"), m_t, 0.0)
-        e = tl.exp(z - m_safe[:, None])
-        if IS_TARGET_BLOCK:
-            # The target's share is left out of W and the sum (its logit is recorded below), so the
-            # row gradient's target term (1 - P_target) p_hat is formed without cancellation.
-            e = tl.where(is_target, 0.0, e)
+        # The target's share is left out of W and the sum (its logit is recorded below, and joined
+        # to the sum at the end), so the row gradient's target term (1 - P_target) p_hat is formed
+        # without cancellation.
+        z_other = tl.where(is_target, float("-inf"), z) if IS_TARGET_BLOCK else z
+        # Shift by q = ceil(m_t log2 e), the row's max in this tile in whole powers of two, so the
+        # rescales between tiles and chunks are exact powers of two. A row with every entry of
+        # this tile masked has m_t = -inf, e = 0 and q recorded as -inf.
+        m_t = tl.max(z_other, axis=1)
+        q = tl.where(m_t > float("-inf"), tl.ceil(m_t * LOG2E), 0.0)
+        e = tl.exp2(z_other * LOG2E - q[:, None])  # exp(z) / 2^q, in (1/2, 1] at the row's max
         t_ptr = local_rows.to(tl.int64) * s_t + pid_n
-        tl.store(tile_max + t_ptr, m_t, mask=row_mask)
+        tl.store(tile_max + t_ptr, tl.where(m_t > float("-inf"), q, float("-inf")), mask=row_mask)
         tl.store(tile_sum + t_ptr, tl.sum(e, axis=1), mask=row_mask)
         if WRITE_W:
-            tl.store(w_ptr, e.to(w_out.dtype.element_ty), mask=tile_mask)
+            # W = e / |y_j| / 2^k with k = ceil(log2 of the row's largest e / |y_j|): at most 1 (no
+            # fp16 overflow) and rounded to 16 bits once; the GEMM multiplies 2^k back exactly.
+            v = e / norm_y[None, :]
+            v_max = tl.max(v, axis=1)
+            # (k >= -120 keeps 2^-k finite for absurdly large norms.)
+            k = tl.where(v_max > 0, tl.maximum(tl.ceil(tl.log2(tl.maximum(v_max, 1e-38))), -120.0), 0.0)
+            tl.store(tile_exp + t_ptr, k, mask=row_mask)
+            tl.store(w_ptr, (v * tl.exp2(-k)[:, None]).to(w_out.dtype.element_ty), mask=tile_mask)
         if IS_TARGET_BLOCK:
             # Each row's target column o + i lies in exactly one tile of AP; that tile records z.
             has_target = tl.max(is_target.to(tl.int32), axis=1) > 0
@@ -117,9 +132,11 @@ def tile_kernel(
     else:
         lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
         prob = tl.exp(z - lse[:, None])  # masked entries and invalid rows: exp(-inf) = 0
-        # The target term P - 1 is formed in fp32 (it cancels when P is close to 1).
+        # The target term P - 1 is formed in fp32 (it cancels when P is close to 1). row_coef is
+        # w_i / (tau |x_i|) / 2^kappa_i (in [-1, 1]; the GEMM multiplies 2^kappa_i back exactly).
         h = tl.where(is_target, prob - 1.0, prob)
-        tl.store(w_ptr, h.to(w_out.dtype.element_ty), mask=tile_mask)
+        coef = tl.load(row_coef + local_rows, mask=row_mask, other=0.0)
+        tl.store(w_ptr, (h * coef[:, None]).to(w_out.dtype.element_ty), mask=tile_mask)
 
 
 @triton.jit
@@ -135,12 +152,15 @@ def scaled_gemm_kernel(
     row_scale,
     s_rs,
     k_scale,
+    peak,
     M,
     N,
     K,
     A_TRANSPOSED: tl.constexpr,
     HAS_ALPHA: tl.constexpr,
     HAS_ROW_SCALE: tl.constexpr,
+    HAS_K_SCALE: tl.constexpr,
+    BELOW_PEAK: tl.constexpr,
     TILE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -148,7 +168,8 @@ def scaled_gemm_kernel(
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """out[m, n] = alpha[m] out[m, n] + sum_k A[m, k] row_scale[m, k // TILE] k_scale[k] b[b_row0 + k, n].
+    """out[m, n] = alpha[m] out[m, n] + sum_k A[m, k] row_scale[m, k // TILE] k_scale[k] b[b_row0 + k, n]
+    (each factor only when its HAS_ flag is set).
 
     out: fp32 (M x N), row stride s_out. A: M x K, A[m, k] = a[m * s_a + k], or a[k * s_a + m] when
     A_TRANSPOSED (a chunk read transposed). b: rows of an input with contiguous features. TILE must
@@ -161,6 +182,9 @@ def scaled_gemm_kernel(
     m_mask = rm < M
     n_mask = rn < N
     rm64 = rm.to(tl.int64)
+    # BELOW_PEAK (fp16): the scales are divided by `peak`, a power of two at least their largest
+    # product, so no scaled entry can overflow fp16; the sum is multiplied back at the end.
+    inv_peak = 1.0 / tl.load(peak) if BELOW_PEAK else 1.0
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
@@ -170,18 +194,25 @@ def scaled_gemm_kernel(
             av = tl.load(a + rk.to(tl.int64)[None, :] * s_a + rm[:, None], mask=ab_mask, other=0.0)
         else:
             av = tl.load(a + rm64[:, None] * s_a + rk[None, :], mask=ab_mask, other=0.0)
-        scale = tl.load(k_scale + rk, mask=k_mask, other=0.0)[None, :]
-        if HAS_ROW_SCALE:
-            scale = scale * tl.load(row_scale + rm64 * s_rs + k0 // TILE, mask=m_mask, other=0.0)[:, None]
         b_rows = b_row0 + rk.to(tl.int64)
         bv = tl.load(b + b_rows[:, None] * s_b + rn[None, :], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        # The scaled A tile is rounded to b's dtype for the tensor cores; under the interpreter,
-        # whose 16-bit dot is wrong (DESIGN.md 4), the same rounding is kept and the dot run in fp32.
-        av = (av.to(tl.float32) * scale).to(b.dtype.element_ty)
+        # The scales are powers of two, so the scaled A tile in b's dtype is exact (barring
+        # underflow); under the interpreter, whose 16-bit dot is wrong (DESIGN.md 4), the dot runs
+        # in fp32 on the same values.
+        av = av.to(tl.float32)
+        if HAS_K_SCALE:
+            av = av * tl.load(k_scale + rk, mask=k_mask, other=0.0)[None, :]
+        if HAS_ROW_SCALE:
+            av = av * tl.load(row_scale + rm64 * s_rs + k0 // TILE, mask=m_mask, other=0.0)[:, None]
+        if BELOW_PEAK:
+            av = av * inv_peak
+        av = av.to(b.dtype.element_ty)
         if UPCAST:
             av = av.to(tl.float32)
             bv = bv.to(tl.float32)
         acc = tl.dot(av, bv, acc, input_precision=PRECISION)
+    if BELOW_PEAK:
+        acc = acc * tl.load(peak)
     o_ptr = out + rm64[:, None] * s_out + rn[None, :]
     o_mask = m_mask[:, None] & n_mask[None, :]
     previous = tl.load(o_ptr, mask=o_mask, other=0.0)

@@ -31,6 +31,8 @@ from . import triton_chunk_kernels as CK
 if TYPE_CHECKING:
     from .triton_backend import _Problem
 
+LN2 = 0.6931471805599453
+
 
 @dataclass(frozen=True)
 class Chunks:
@@ -133,6 +135,17 @@ def _chunk_shape(problem: _Problem, chunks: Chunks) -> tuple[int, int]:
     return rows, cols
 
 
+def _pow2(exponent: Tensor) -> Tensor:
+    """2^exponent, exactly for integer-valued exponents (0 for -inf)."""
+    return torch.ldexp(torch.ones_like(exponent), exponent)
+
+
+def _pow2_split(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(m, e) with x = m * 2^e, |m| <= 1 and e an integer (0 where x is 0)."""
+    e = torch.where(x != 0, torch.ceil(torch.log2(x.abs())), torch.zeros_like(x))
+    return torch.ldexp(x, -e), e
+
+
 class _Launcher:
     """The two kernels with the problem's fixed arguments bound."""
 
@@ -147,34 +160,47 @@ class _Launcher:
         tiles = triton.cdiv(cols, chunks.tile_n)
         self.tile_max = torch.empty((rows, tiles), device=device, dtype=torch.float32)
         self.tile_sum = torch.empty_like(self.tile_max)
+        self.tile_exp = torch.empty_like(self.tile_max)
+        self.below_peak = dtype == torch.float16
 
-    def tiles(
-        self, blk: _Block, mode: int, r0: int, nr: int, c0: int, nc: int, lse: Tensor, target: Tensor, write=True
-    ):
+    def tiles(self, blk: _Block, mode: int, r0: int, nr: int, c0: int, nc: int, lse: Tensor, target: Tensor,
+              row_coef: Tensor | None = None, write: bool = True) -> None:  # fmt: skip
         c, p = self.chunks, self.problem
         grid = (triton.cdiv(nr, c.tile_m), triton.cdiv(nc, c.tile_n))
         CK.tile_kernel[grid](
             blk.x, blk.x.stride(0), blk.gx, blk.gx.stride(0), blk.norms_x, blk.gnorms_x, blk.x_shift,
             blk.y, blk.y.stride(0), blk.gy, blk.gy.stride(0), blk.norms_y, blk.gnorms_y,
             p.thr, lse, target, r0, nr, c0, nc,
-            self.w, self.w.stride(0), self.tile_max, self.tile_sum, self.tile_max.stride(0),
+            self.w, self.w.stride(0), self.tile_max, self.tile_sum, self.tile_exp, self.tile_max.stride(0),
+            row_coef if row_coef is not None else lse,
             *self.scalars,
             MODE=mode, IS_TARGET_BLOCK=blk.is_target, WRITE_W=write,
             BLOCK_M=c.tile_m, BLOCK_N=c.tile_n, BLOCK_K=c.tile_k,
             num_warps=c.tile_warps, num_stages=c.stages, **self.flags,
         )  # fmt: skip
 
-    def gemm(self, out: Tensor, m: int, k: int, transposed: bool, b: Tensor, b_row0: int, k_scale: Tensor, *,
-             alpha: Tensor | None = None, row_scale: Tensor | None = None) -> None:  # fmt: skip
-        """out (m x d, fp32) = alpha * out + (W[:m, :k] or H[:k, :m]^T, scaled) @ b[b_row0 : b_row0 + k]."""
+    def gemm(self, out: Tensor, m: int, k: int, transposed: bool, b: Tensor, b_row0: int, *,
+             k_scale: Tensor | None = None, alpha: Tensor | None = None,
+             row_scale: Tensor | None = None) -> None:  # fmt: skip
+        """out (m x d, fp32) = alpha * out + (W[:m, :k] or H[:k, :m]^T, scaled) @ b[b_row0 : b_row0 + k].
+        The scales are powers of two."""
         c = self.chunks
         grid = (triton.cdiv(m, c.gemm_m), triton.cdiv(self.d, c.gemm_n))
-        rs = row_scale if row_scale is not None else self.tile_max
+        dummy = self.tile_max
+        rs = row_scale if row_scale is not None else dummy
+        peak = dummy
+        if self.below_peak:  # fp16: a power of two at least every scale product
+            peak = torch.ones(1, device=out.device)
+            if row_scale is not None:
+                peak = peak * row_scale.amax().clamp_min(1e-30)
+            if k_scale is not None:
+                peak = peak * k_scale.amax().clamp_min(1e-30)
         CK.scaled_gemm_kernel[grid](
             out, out.stride(0), self.w, self.w.stride(0), b, b.stride(0), b_row0,
-            alpha if alpha is not None else k_scale, rs, rs.stride(0), k_scale,
+            alpha if alpha is not None else dummy, rs, rs.stride(0), k_scale if k_scale is not None else dummy, peak,
             m, self.d, k,
             A_TRANSPOSED=transposed, HAS_ALPHA=alpha is not None, HAS_ROW_SCALE=row_scale is not None,
+            HAS_K_SCALE=k_scale is not None, BELOW_PEAK=self.below_peak,
             TILE=c.tile_n, BLOCK_M=c.gemm_m, BLOCK_N=c.gemm_n, BLOCK_K=c.gemm_k,
             num_warps=c.gemm_warps, num_stages=c.stages, **self.flags,
         )  # fmt: skip
@@ -182,7 +208,10 @@ class _Launcher:
 
 def run_chunked(problem: _Problem, weight: Tensor, with_grad: bool, chunks: Chunks, flags: dict):
     """Pass 1 (and, with_grad, pass 2) in chunks. Returns lse, the target logits and the gradients
-    (anchor, positive, (k, P, d) negatives) or None, like the fused plan's `_run_passes`."""
+    (anchor, positive, (k, P, d) negatives) or None, like the fused plan's `_run_passes`.
+
+    Pass 1 keeps its running max in log2 units and in whole powers of two (the tiles' q_t), so every
+    rescale is an exact power of two."""
     B, P, k, d = problem.B, problem.P, problem.k, problem.a.shape[1]
     dev, o = problem.a.device, problem.options
     inv_temp = 1.0 / o.temperature
@@ -196,15 +225,16 @@ def run_chunked(problem: _Problem, weight: Tensor, with_grad: bool, chunks: Chun
         grad_n = torch.zeros((k, P, d), device=dev, dtype=problem.a.dtype)
         grads = [torch.zeros((B, d), device=dev, dtype=problem.a.dtype), torch.zeros_like(problem.p), *grad_n.unbind(0)]
     sides = ("a", "p") if o.contrast_positives else ("a",)
+    minus_inf = float("-inf")
 
     # Pass 1: row chunks.
     for r0 in range(0, B, R):
         nr = min(R, B - r0)
-        big = torch.full((nr,), float("-inf"), device=dev)
-        total = torch.zeros(nr, device=dev)
+        big = torch.full((nr,), minus_inf, device=dev)  # running max, log2 units, integer-valued
+        total = torch.zeros(nr, device=dev)  # sum of exp(z) / 2^big over all entries but the target
         acc = {side: torch.zeros((nr, d), device=dev) for side in sides} if with_grad else {}
-        # Each accumulator's reference max; -inf while it is empty (so the first rescale is 0, never inf).
-        ref = {side: torch.full((nr,), float("-inf"), device=dev) for side in sides}
+        # Each accumulator's reference (log2 units); -inf while it is empty (so the first rescale is 0, never inf).
+        ref = {side: torch.full((nr,), minus_inf, device=dev) for side in sides}
         for blk in blocks:
             for c0 in range(0, blk.n_cols, C):
                 nc = min(C, blk.n_cols - c0)
@@ -212,22 +242,23 @@ def run_chunked(problem: _Problem, weight: Tensor, with_grad: bool, chunks: Chun
                 tiles = triton.cdiv(nc, chunks.tile_n)
                 t_max, t_sum = run.tile_max[:nr, :tiles], run.tile_sum[:nr, :tiles]
                 new_big = torch.maximum(big, t_max.amax(1))
-                shift = torch.where(new_big > float("-inf"), new_big, torch.zeros_like(new_big))
-                scale = torch.exp(t_max - shift[:, None])  # exp(m_t - M): 0 for all-masked tiles
-                total = total * torch.exp(big - shift) + (t_sum * scale).sum(1)
+                shift = torch.where(new_big > minus_inf, new_big, torch.zeros_like(new_big))
+                total = total * _pow2(big - shift) + (t_sum * _pow2(t_max - shift[:, None])).sum(1)
                 big = new_big
                 if with_grad:
                     side = blk.row_side
-                    alpha = torch.exp(ref[side] - shift)
-                    k_scale = 1.0 / blk.norms_y[c0 : c0 + nc].clamp_min(NORM_EPS)
-                    run.gemm(acc[side], nr, nc, False, blk.y, c0, k_scale, alpha=alpha, row_scale=scale)
-                    ref[side] = shift
-        # `total` holds every entry but the targets; the target is never masked, so l > 0 and lse
-        # is finite (big is finite: the target is one of the entries).
-        full = total + torch.exp(target[r0 : r0 + nr] - big)
-        lse[r0 : r0 + nr] = big + torch.log(full)
+                    row_scale = _pow2(t_max - shift[:, None] + run.tile_exp[:nr, :tiles])
+                    alpha = _pow2(ref[side] - shift)
+                    run.gemm(acc[side], nr, nc, False, blk.y, c0, alpha=alpha, row_scale=row_scale)
+                    ref[side] = new_big  # stays -inf while the row has no entry (acc still 0)
+        # `total` (times 2^big) sums every entry but the target, which is never masked: joined here
+        # in log space, since the target may exceed all the others by far (lse finite either way).
+        others = (big + torch.log2(total)) * LN2  # log of the others' sum; -inf if there are none
+        row_lse = torch.logaddexp(others, target[r0 : r0 + nr])
+        lse[r0 : r0 + nr] = row_lse
         if with_grad:
-            _row_side_gradients(problem, weight, lse, acc, ref, total / full, r0, nr, inv_temp, grads)
+            scale = {side: torch.exp(ref[side] * LN2 - row_lse) for side in sides}  # acc units -> P
+            _row_side_gradients(problem, weight, acc, scale, torch.exp(others - row_lse), r0, nr, inv_temp, grads)
     if not with_grad:
         return lse, target, None
 
@@ -244,19 +275,20 @@ def run_chunked(problem: _Problem, weight: Tensor, with_grad: bool, chunks: Chun
             for blk in group:
                 for r0 in range(0, B, R):
                     nr = min(R, B - r0)
-                    run.tiles(blk, 1, r0, nr, c0, nc, lse, target)
                     x_norms = blk.norms_x[blk.x_shift + r0 : blk.x_shift + r0 + nr].clamp_min(NORM_EPS)
-                    k_scale = w_over_tau[r0 : r0 + nr] / x_norms
-                    run.gemm(acc, nc, nr, True, blk.x, blk.x_shift + r0, k_scale)
+                    # H's row factor w_i / (tau |x_i|) = coef * 2^kappa: coef in H, 2^kappa in the GEMM.
+                    coef, kappa = _pow2_split(w_over_tau[r0 : r0 + nr] / x_norms)
+                    run.tiles(blk, 1, r0, nr, c0, nc, lse, target, row_coef=coef)
+                    run.gemm(acc, nc, nr, True, blk.x, blk.x_shift + r0, k_scale=_pow2(kappa))
             grad = grads[source][c0 : c0 + nc]
             grad.copy_(_jacobian_(y[c0 : c0 + nc], norms_y[c0 : c0 + nc], acc).add_(grad))
     return lse, target, (grads[0], grads[1], grad_n)
 
 
-def _row_side_gradients(problem, weight, lse, acc, ref, not_target, r0, nr, inv_temp, grads) -> None:
+def _row_side_gradients(problem, weight, acc, scale, not_target, r0, nr, inv_temp, grads) -> None:
     """Row-side gradients of anchor rows r0 + [0, nr) through the normalisation, into grads:
     d a_hat_i = w_i/tau (sum_{j != target} P_ij y_hat_j - (1 - P_target) p_hat_{o+i}) over AP, AA,
-    AN; d p_hat_{o+i} = w_i/tau sum_j P_ij p_hat_j over PP, with P_ij = acc weight * exp(ref - lse)
+    AN; d p_hat_{o+i} = w_i/tau sum_j P_ij p_hat_j over PP, with P_ij = acc weight * scale[side]
     and 1 - P_target = `not_target` (the other entries' share of the sum)."""
     o, B = problem.options.offset, problem.B
     rows = slice(r0, r0 + nr)
@@ -264,9 +296,9 @@ def _row_side_gradients(problem, weight, lse, acc, ref, not_target, r0, nr, inv_
     w = weight[rows] * inv_temp
     norms_a, norms_p = problem.norms[:B], problem.norms[B : B + problem.P]
     own_p = problem.p[own]
-    d_a = acc["a"].mul_((w * torch.exp(ref["a"] - lse[rows]))[:, None])
+    d_a = acc["a"].mul_((w * scale["a"])[:, None])
     d_a.addcmul_(own_p.float(), (-w * not_target / norms_p[own].clamp_min(NORM_EPS))[:, None])
     grads[0][rows] = _jacobian_(problem.a[rows], norms_a[rows], d_a)
     if problem.options.contrast_positives:
-        d_p = acc["p"].mul_((w * torch.exp(ref["p"] - lse[rows]))[:, None])
+        d_p = acc["p"].mul_((w * scale["p"])[:, None])
         grads[1][own] = _jacobian_(own_p, norms_p[own], d_p)

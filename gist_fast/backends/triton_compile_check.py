@@ -38,7 +38,8 @@ from .triton_chunked import Chunks
 _STUDENT = {"a", "p", "n", "ga", "gp", "gn", "grad_a", "grad_p", "out", "x", "y", "gx", "gy", "w_out", "b"}
 _FP32_PTRS = {
     "norms", "gnorms", "thr_ptr", "weight_ptr", "lse_out", "target_out", "lse_ptr", "scratch",
-    "norms_x", "gnorms_x", "norms_y", "gnorms_y", "tile_max", "tile_sum", "alpha", "row_scale", "k_scale",
+    "norms_x", "gnorms_x", "norms_y", "gnorms_y", "tile_max", "tile_sum", "tile_exp", "row_coef",
+    "alpha", "row_scale", "k_scale", "peak",
 }  # fmt: skip
 
 
@@ -97,7 +98,9 @@ def _signature(fn, dtype: str, constexprs: dict, ints: dict[str, int]) -> tuple[
 DEFAULT_CHUNKS = Chunks()
 
 
-def kernel_variants(blocks: Blocks, chunks: Chunks = DEFAULT_CHUNKS) -> list[tuple[str, object, dict, dict]]:
+def kernel_variants(
+    blocks: Blocks, chunks: Chunks = DEFAULT_CHUNKS, dtype: str = "bf16"
+) -> list[tuple[str, object, dict, dict]]:
     """(name, kernel, constexprs, launch options) of every launch of a forward+backward with both
     contrast blocks, for the fused plan (`blocks`) and the chunked one (`chunks`)."""
     dots = {"UPCAST": False, "PRECISION": "ieee"}
@@ -118,13 +121,14 @@ def kernel_variants(blocks: Blocks, chunks: Chunks = DEFAULT_CHUNKS) -> list[tup
     gemm = {"BLOCK_M": chunks.gemm_m, "BLOCK_N": chunks.gemm_n, "BLOCK_K": chunks.gemm_k, "TILE": chunks.tile_n} | dots
     tile_opts = {"num_warps": chunks.tile_warps, "num_stages": chunks.stages}
     gemm_opts = {"num_warps": chunks.gemm_warps, "num_stages": chunks.stages}
-    pass1 = {"A_TRANSPOSED": False, "HAS_ALPHA": True, "HAS_ROW_SCALE": True}
-    pass2 = {"A_TRANSPOSED": True, "HAS_ALPHA": False, "HAS_ROW_SCALE": False}
+    pass1 = {"A_TRANSPOSED": False, "HAS_ALPHA": True, "HAS_ROW_SCALE": True, "HAS_K_SCALE": False}
+    pass2 = {"A_TRANSPOSED": True, "HAS_ALPHA": False, "HAS_ROW_SCALE": False, "HAS_K_SCALE": True}
+    below_peak = {"BELOW_PEAK": dtype == "fp16"}
     variants += [
         ("chunk_tile[pass1]", CK.tile_kernel, tile | {"MODE": 0, "IS_TARGET_BLOCK": True, "WRITE_W": True}, tile_opts),
         ("chunk_tile[pass2]", CK.tile_kernel, tile | {"MODE": 1, "IS_TARGET_BLOCK": True, "WRITE_W": True}, tile_opts),
-        ("chunk_gemm[pass1]", CK.scaled_gemm_kernel, gemm | pass1, gemm_opts),
-        ("chunk_gemm[pass2]", CK.scaled_gemm_kernel, gemm | pass2, gemm_opts),
+        ("chunk_gemm[pass1]", CK.scaled_gemm_kernel, gemm | pass1 | below_peak, gemm_opts),
+        ("chunk_gemm[pass2]", CK.scaled_gemm_kernel, gemm | pass2 | below_peak, gemm_opts),
     ]
     return variants
 
@@ -154,7 +158,7 @@ def compile_all(
     target = GPUTarget("cuda", capability, 32)
     ints = _sample_ints(*dims)
     report = {}
-    for name, kernel, constexprs, options in kernel_variants(blocks, chunks):
+    for name, kernel, constexprs, options in kernel_variants(blocks, chunks, dtype):
         # The GEMM's A is a chunk matrix: its row stride is the chunk's width, not an input's.
         kernel_ints = ints | {"s_a": ints["s_w"]} if kernel is CK.scaled_gemm_kernel else ints
         signature, attrs = _signature(kernel, dtype, constexprs, kernel_ints)
