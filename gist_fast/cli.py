@@ -113,6 +113,9 @@ def _train(args: argparse.Namespace) -> int:
     try:
         trainer = Trainer(config)  # under torchrun: joins the process group (see training/distributed.py)
         results = trainer.train()
+        # Under torchrun every rank gets here before any tears the process group down: once, a rank
+        # aborted at exit ("terminate called without an active exception") while its peer left.
+        dtrain.barrier(trainer.dist)
     except TrainingInterrupted as e:
         print(f"gist-fast train: {e}", file=sys.stderr)
         return 130
