@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -185,5 +186,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def run() -> None:
+    """The ``gist-fast`` console script: `main`, then exit with its status.
+
+    Under torchrun (WORLD_SIZE > 1) the process leaves with ``os._exit`` once its output is flushed
+    and its process group destroyed: a rank has been seen to abort in interpreter shutdown ("terminate
+    called without an active exception", a C++ thread of the distributed runtime destroyed while
+    joinable) after training finished and every file was written, which torchrun reports as a failure."""
+    from .training.distributed import launched_by_torchrun
+
+    code = main()
+    if launched_by_torchrun():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -48,7 +48,10 @@ trainer.train()
 assert trainer.dist.world == int(os.environ["WORLD_SIZE"]) == 2, trainer.dist
 state = {k: v.detach().cpu().clone() for k, v in trainer.student.model.state_dict().items()}
 torch.save(state, os.path.join(dump_dir, f"rank{trainer.dist.rank}.pt"))
+dtrain.barrier(trainer.dist)
 dtrain.cleanup()
+sys.stdout.flush()
+os._exit(0)  # as gist_fast.cli.run does under torchrun: no interpreter shutdown to abort in
 """
 
 
