@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any
 
@@ -187,20 +186,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> None:
-    """The ``gist-fast`` console script: `main`, then exit with its status.
+    """The ``gist-fast`` console script: `main`, then exit with its status (under torchrun through
+    `training.distributed.exit_process`, which skips an interpreter shutdown that has aborted)."""
+    from .training.distributed import exit_process
 
-    Under torchrun (WORLD_SIZE > 1) the process leaves with ``os._exit`` once its output is flushed
-    and its process group destroyed: a rank has been seen to abort in interpreter shutdown ("terminate
-    called without an active exception", a C++ thread of the distributed runtime destroyed while
-    joinable) after training finished and every file was written, which torchrun reports as a failure."""
-    from .training.distributed import launched_by_torchrun
-
-    code = main()
-    if launched_by_torchrun():
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    exit_process(main())
 
 
 if __name__ == "__main__":

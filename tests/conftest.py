@@ -16,7 +16,20 @@ if not _has_cuda:
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import pytest  # noqa: E402
 from problems import SESSION_SEED  # noqa: E402
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: tiny models, where thread start-up costs more than the
+    work (and the CPU is shared). Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def pytest_report_header(config):

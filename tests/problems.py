@@ -115,6 +115,33 @@ def draw_problem(
     return Problem(student, guide, opts)
 
 
+def draw_gathered(
+    rng: random.Random, batch: int, world: int, rank: int, dim: int, guide_dim: int, k: int
+) -> tuple[list[Tensor], list[Tensor]]:
+    """One rank's view of a gathered problem: its B anchors (rows rank*B ...), all P = W*B
+    candidates (student, guide; float64)."""
+    base = draw_problem(rng, batch * world, dim, guide_dim, k)
+    rows = slice(rank * batch, (rank + 1) * batch)
+    return [base.student[0][rows]] + base.student[1:], [base.guide[0][rows]] + base.guide[1:]
+
+
+def gathered_loss_and_grads(backend_fn, student, guide, dtype, *, batch: int, world: int, rank: int, **options):
+    """Loss and student gradients (of loss.sum()) of `backend_fn` on a gathered problem at `dtype`:
+    offset = rank*B, P = W*B candidates, temperature 0.05 and the absolute margin unless `options`
+    say otherwise."""
+    from gist_fast.inputs import validate
+
+    s = [t.to(dtype).requires_grad_() for t in student]
+    g = [t.to(dtype) for t in guide]
+    options = {"temperature": 0.05, "margin_strategy": "absolute"} | options
+    inputs, opts = validate(
+        s[0], s[1], g[0], g[1], s[2:] or None, g[2:] or None,
+        offset=rank * batch, expected_candidates=batch * world, **options,
+    )  # fmt: skip
+    loss = backend_fn(inputs, opts)
+    return loss, torch.autograd.grad(loss.sum(), s)
+
+
 def draw_random_problem(rng: random.Random, max_batch: int = 129, dims=DIMS) -> Problem:
     """Shapes, k and every option drawn at random from the grids above."""
     batch = rng.choice([b for b in BATCHES if b <= max_batch])

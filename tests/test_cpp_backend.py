@@ -18,8 +18,10 @@ from problems import (
     DIMS,
     NEGATIVE_COUNTS,
     assert_matches_oracle,
+    draw_gathered,
     draw_problem,
     draw_random_problem,
+    gathered_loss_and_grads,
     loss_and_grads,
     option_cross_product,
     rng_for,
@@ -131,10 +133,7 @@ def test_gather_offset(world, trial):
     rng = rng_for("cpp-offset", world, trial)
     batch = rng.choice([1, 3, 17])
     rank = rng.randrange(world)
-    base = draw_problem(rng, batch * world, 7, 5, rng.choice([0, 1, 2]))
-    rows = slice(rank * batch, (rank + 1) * batch)
-    student = [base.student[0][rows]] + base.student[1:]
-    guide = [base.guide[0][rows]] + base.guide[1:]
+    student, guide = draw_gathered(rng, batch, world, rank, 7, 5, rng.choice([0, 1, 2]))
     options = {
         "margin": rng.choice([0.0, 0.1]),
         "reduction": rng.choice(["none", "sum", "mean"]),
@@ -143,15 +142,9 @@ def test_gather_offset(world, trial):
     }
 
     def run(backend_fn, dtype):
-        s = [t.to(dtype).requires_grad_() for t in student]
-        g = [t.to(dtype) for t in guide]
-        inputs, opts = validate(
-            s[0], s[1], g[0], g[1], s[2:] or None, g[2:] or None,
-            temperature=0.05, margin_strategy="absolute", offset=rank * batch,
-            expected_candidates=batch * world, **options,
-        )  # fmt: skip
-        loss = backend_fn(inputs, opts)
-        return loss, torch.autograd.grad(loss.sum(), s)
+        return gathered_loss_and_grads(
+            backend_fn, student, guide, dtype, batch=batch, world=world, rank=rank, **options
+        )
 
     from gist_fast.backends.reference import gist_loss_reference
 

@@ -3,18 +3,11 @@
 import json
 
 import pytest
-import torch
 
 from gist_fast.cli import build_parser, main, train_config_from_args
 from gist_fast.training.testing import make_tiny_encoder
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

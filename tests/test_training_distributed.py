@@ -29,7 +29,10 @@ from gist_fast.training import Trainer, load_encoder, testing
 from gist_fast.training import distributed as dtrain
 from gist_fast.training.testing import make_tiny_encoder, make_tiny_tokenizer
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+pytestmark = [
+    pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 WORDS = ["value", "file", "path", "list", "dict", "string", "error", "module", "class", "data", "time", "name"]
 STEPS = 4
@@ -49,18 +52,8 @@ assert trainer.dist.world == int(os.environ["WORLD_SIZE"]) == 2, trainer.dist
 state = {k: v.detach().cpu().clone() for k, v in trainer.student.model.state_dict().items()}
 torch.save(state, os.path.join(dump_dir, f"rank{trainer.dist.rank}.pt"))
 dtrain.barrier(trainer.dist)
-dtrain.cleanup()
-sys.stdout.flush()
-os._exit(0)  # as gist_fast.cli.run does under torchrun: no interpreter shutdown to abort in
+dtrain.exit_process(0)  # as gist_fast.cli.run does
 """
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _tiny_tokenizer(directory):

@@ -25,6 +25,7 @@ from problems import (  # noqa: E402
     Problem,
     assert_close_scaled,
     assert_matches_oracle,
+    draw_gathered,
     draw_problem,
     draw_random_problem,
     loss_and_grads,
@@ -151,11 +152,8 @@ def test_block_configs(blocks):
 
 
 def _gathered(rng, batch: int, world: int, rank: int, k: int, dtype: torch.dtype):
-    """Student/guide tensors of a gathered problem: B local anchors, P = world * B candidates."""
-    base = draw_problem(rng, batch * world, 9, 6, k)
-    rows = slice(rank * batch, (rank + 1) * batch)
-    student = [base.student[0][rows]] + base.student[1:]
-    guide = [base.guide[0][rows]] + base.guide[1:]
+    """Student/guide tensors of a gathered problem at `dtype`: B local anchors, P = world * B candidates."""
+    student, guide = draw_gathered(rng, batch, world, rank, 9, 6, k)
     return [t.to(dtype) for t in student], [t.to(dtype) for t in guide]
 
 

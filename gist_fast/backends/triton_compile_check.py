@@ -60,16 +60,17 @@ class Build:
         )
 
 
-def _sample_ints(d: int, dg: int, rows: int = 65536, negatives: int = 1, chunk: int = 8192) -> dict[str, int]:
+def _sample_ints(d: int, dg: int, chunks: Chunks, rows: int = 65536, negatives: int = 1) -> dict[str, int]:
     """Integer arguments of a contiguous problem with B = P = rows (their divisibility is what the
-    JIT specialises on); the chunked kernels' chunk is chunk x chunk in 128-wide tiles."""
-    tiles = chunk // 128
+    JIT specialises on); the chunked kernels' chunk is chunks.rows x chunks.columns."""
+    chunk = chunks.columns
+    tiles = -(-chunk // chunks.tile_n)
     return {
         "B": rows, "P": rows, "d": d, "dg": dg, "offset": 0, "num_neg": negatives,
         "s_a": d, "s_p": d, "s_nm": rows * d, "s_n": d, "s_ga": dg, "s_gp": dg, "s_gnm": rows * dg, "s_gn": dg,
         "n_rows": rows, "dim": d, "s_x": d, "s_y": d, "s_gx": dg, "s_gy": dg,
         "x_shift": 0, "row0": 0, "col0": 0, "n_cols": chunk, "s_w": chunk, "s_t": tiles,
-        "s_out": d, "b_row0": 0, "s_b": d, "s_rs": tiles, "M": chunk, "N": d, "K": chunk,
+        "s_out": d, "b_row0": 0, "s_b": d, "s_rs": tiles, "M": chunks.rows, "N": d, "K": chunk,
     }  # fmt: skip
 
 
@@ -156,7 +157,7 @@ def compile_all(
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces the kernels being compiled")
     target = GPUTarget("cuda", capability, 32)
-    ints = _sample_ints(*dims)
+    ints = _sample_ints(*dims, chunks)
     report = {}
     for name, kernel, constexprs, options in kernel_variants(blocks, chunks, dtype):
         # The GEMM's A is a chunk matrix: its row stride is the chunk's width, not an input's.

@@ -41,8 +41,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -123,6 +124,19 @@ def cleanup() -> None:
     """Leave the process group (when one is initialised)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End this process with `code`. Under torchrun, leave the process group, flush and skip
+    interpreter shutdown (``os._exit``): a rank has been seen to abort there ("terminate called
+    without an active exception", a C++ thread of the distributed runtime destroyed while joinable)
+    after its work was done and its files written, which torchrun reports as a failure."""
+    if not launched_by_torchrun():
+        sys.exit(code)
+    cleanup()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def barrier(info: DistInfo) -> None:
@@ -269,6 +283,7 @@ __all__ = [
     "broadcast_parameters",
     "check_batch_size",
     "cleanup",
+    "exit_process",
     "current",
     "global_anchor_block",
     "launched_by_torchrun",
