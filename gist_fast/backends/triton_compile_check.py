@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -186,6 +187,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--chunk-stages", type=int, default=DEFAULT_CHUNKS.stages, help="stages of the chunked kernels")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--dims", nargs=2, type=int, default=[768, 1024], metavar=("D", "DG"), help="feature dims")
+    parser.add_argument("--markdown", type=Path, help="also write the report as a markdown results file")
     args = parser.parse_args(argv)
     blocks = GPU_BLOCKS
     if args.blocks:
@@ -199,9 +201,36 @@ def main(argv: list[str]) -> int:
     if args.chunk_gemm:
         m, n, k, warps = args.chunk_gemm
         chunks = replace(chunks, gemm_m=m, gemm_n=n, gemm_k=k, gemm_warps=warps)
-    for name, build in compile_all(blocks, args.dtype, tuple(args.dims), chunks=chunks).items():
+    report = compile_all(blocks, args.dtype, tuple(args.dims), chunks=chunks)
+    for name, build in report.items():
         print(f"{name}: {build}")
+    if args.markdown:
+        args.markdown.write_text(_markdown(report, blocks, chunks, args, argv))
     return 0
+
+
+def _markdown(report: dict[str, Build], blocks: Blocks, chunks: Chunks, args, argv: list[str]) -> str:
+    """The report as a results file naming the target, the versions and the command."""
+    import platform
+
+    import torch
+
+    lines = [
+        f"# Offline sm_90 build of the Triton kernels ({args.dtype}, d = {args.dims[0]}, dg = {args.dims[1]})",
+        "",
+        f"Command: `python -m gist_fast.backends.triton_compile_check {' '.join(argv)}`. Built ahead of time",
+        f"for sm_90 (H100) on a machine without a GPU ({platform.machine()}, {platform.processor() or 'CPU'}),",
+        f"triton {triton.__version__}, torch {torch.__version__}; no kernel ran. Fused tiles: {blocks};",
+        f"chunked tiles: {chunks}.",
+        "",
+        "| kernel | registers | spill stack (B) | shared memory (B) | wgmma | cp.async |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {name} | {b.registers} | {b.spill_bytes} | {b.shared_bytes} | {b.wgmma} | {b.cp_async} |"
+        for name, b in report.items()
+    ]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
