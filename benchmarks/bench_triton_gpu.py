@@ -6,9 +6,13 @@ What it does, in order, under one time budget (``--budget-s``, default 500 s):
    PyTorch path, tested equal to the reference) in bf16 and fp32, B = 16384, d = 768, dg = 1024,
    one negative column, both contrast blocks: loss and every gradient, errors relative to the
    largest magnitude.
-2. A small sweep of tile shapes for each plan at B = 16384, d = 768 (five for the fused kernels, three
-   for the chunked ones); the fastest of each is used from then on and all are recorded.
-3. Forward + backward time (median of ``triton.testing.do_bench``, or CUDA events around single
+2. The card's rates at these shapes (benchmarks/gpu_probes.py): cuBLAS bf16 GEMMs of the logit
+   and gradient products, and the read rate from L2 and from HBM; they check the model that
+   benchmarks/NOTES.md predicted the kernels' speed with.
+3. A small sweep of tile shapes for each plan at B = 16384, d = 768 (five for the fused kernels, three
+   for the chunked ones); the fastest of each is used from then on and all are recorded. Then one
+   forward + backward of each plan at that shape split into its kernels (torch.profiler).
+4. Forward + backward time (median of ``triton.testing.do_bench``, or CUDA events around single
    runs when one run takes seconds) and peak memory (``torch.cuda.max_memory_allocated`` above the
    inputs, gradients included) for B in {4096, ..., 1048576}, d in {768, 384, 1024} (768 first:
    the issue's targets are stated for it), dg = 1024, one negative column, both contrast blocks,
@@ -26,7 +30,10 @@ Effective TFLOP/s = 2 B N (3d + dg) / time, N = all candidate columns (4B here):
 the forward similarities and the two gradient products (DESIGN.md 3).
 
 Results go to ``--out`` (default benchmarks/results/): ``triton_gpu_<gpu>.json``, ``.md`` (a table)
-and ``.png`` (time and memory against B, one panel row per d), naming the GPU and the versions.
+and ``.png`` (time and memory against B, one panel row per d), naming the GPU and the versions. The
+JSON and markdown are rewritten after every stage and every measured row (``"complete": false``
+until the end), so a run killed at a time limit keeps what it measured. The budget covers the tile
+sweep too; correctness and the probes always run.
 
 Usage (repo root):
     python3 benchmarks/bench_triton_gpu.py --out "$OUT"   # on a GPU, about 8-9 minutes
@@ -61,6 +68,7 @@ if not torch.cuda.is_available():  # the interpreter must be chosen before trito
 
 import triton  # noqa: E402
 import triton.testing  # noqa: E402
+from gpu_probes import kernel_breakdown, measure_ceilings  # noqa: E402
 
 from gist_fast.backends.reference import gist_loss_reference  # noqa: E402
 from gist_fast.backends.torch_tiled import gist_loss_torch  # noqa: E402
@@ -278,11 +286,20 @@ def compiled_resources() -> dict[str, list[str]]:
     return found
 
 
-def tune(batch: int, dim: int, guide_dim: int, device: str, plan: str, configs: list) -> tuple[object, list[dict]]:
-    """Time each tile configuration of one Triton plan once at one shape; return the fastest."""
+def tune(
+    batch: int, dim: int, guide_dim: int, device: str, plan: str, configs: list, deadline: float = math.inf
+) -> tuple[object, list[dict]]:
+    """Time each tile configuration of one Triton plan once at one shape; return the fastest.
+
+    A configuration costs a compilation (tens of seconds on a GPU): those left when `deadline`
+    (perf_counter seconds) is under a minute away are recorded as skipped."""
     student, guide = make_inputs(batch, dim, guide_dim, torch.bfloat16, device)
     rows, best = [], None
     for config in configs:
+        if best is not None and deadline - time.perf_counter() < 60:
+            rows.append({"plan": plan, "tiles": asdict(config), "error": "skipped: time budget"})
+            print(f"[tune] {rows[-1]}", flush=True)
+            continue
         try:
             r = measure(method_fn(plan, {plan: config}), student, guide, None)
             row = {"plan": plan, "tiles": asdict(config), "time_s": r["time_s"], "builds_so_far": compiled_resources()}
@@ -295,8 +312,20 @@ def tune(batch: int, dim: int, guide_dim: int, device: str, plan: str, configs: 
     return (best[0] if best else configs[0]), rows
 
 
-def run_sweep(args, plans: dict, deadline: float, device: str) -> list[dict]:
-    rows = []
+def breakdowns(shape: tuple[int, int, int], device: str, plans: dict) -> dict[str, list[dict]]:
+    """Each Triton plan's forward + backward at `shape` (B, d, dg), split into its kernels."""
+    student, guide = make_inputs(*shape, torch.bfloat16, device)
+    found = {}
+    for name in TRITON_PLANS:
+        fn = method_fn(name, plans)
+        found[name] = kernel_breakdown(lambda fn=fn: fn(student, guide).backward(), device)
+        for t in student:
+            t.grad = None
+    return found
+
+
+def run_sweep(args, plans: dict, deadline: float, device: str, rows: list, on_row=lambda: None) -> list[dict]:
+    """Every (d, B, method) of the sweep, appended to `rows` as measured; `on_row` after each one."""
     total_memory = torch.cuda.get_device_properties(0).total_memory if device == "cuda" else math.inf
     for dim in args.dims:
         rate: dict[str, float] = {}  # last effective FLOP/s per method at this d
@@ -344,6 +373,7 @@ def run_sweep(args, plans: dict, deadline: float, device: str) -> list[dict]:
                             torch.cuda.empty_cache()
                 print(f"[bench] {_row_text(row)}", flush=True)
                 rows.append(row)
+                on_row()
             del student, guide
             if device == "cuda":
                 torch.cuda.empty_cache()
@@ -412,6 +442,14 @@ def markdown(report: dict) -> str:
             f"| {c['plan']} | {c['dtype']} | {c['B']} | {c['loss_rel_err']:.2e} | {max(c['grad_rel_err']):.2e} | "
             f"{c['pass']} |"
         )
+    lines += _ceilings_markdown(report.get("ceilings") or {})
+    for plan, kernels in (report.get("breakdown") or {}).items():
+        if kernels:
+            lines += ["", f"## Kernels of one {plan} forward + backward (B, d, dg of the tile sweep)", "",
+                      "| kernel | calls | ms | share |", "| --- | --- | --- | --- |"]  # fmt: skip
+            lines += [f"| `{k['kernel']}` | {k['calls']} | {k['ms']:.2f} | {k['share']:.1%} |" for k in kernels]
+    if not report.get("complete", True):
+        lines += ["", "**Incomplete: the run stopped before the end of the sweep.**"]
     lines += ["", "## Time and memory", "", "| d | B | method | time (ms) | TFLOP/s | peak (GiB) | ratio | status |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in report["rows"]:
@@ -425,6 +463,19 @@ def markdown(report: dict) -> str:
         else:
             lines.append(f"| {r['d']} | {r['B']} | {r['method']} | | | | | {r.get('status')} |")
     return "\n".join(lines) + "\n"
+
+
+def _ceilings_markdown(ceilings: dict) -> list[str]:
+    if not ceilings:
+        return []
+    lines = ["", "## The card's rates at these shapes (benchmarks/gpu_probes.py)", "",
+             "| probe | shape | rate |", "| --- | --- | --- |"]  # fmt: skip
+    for g in ceilings.get("gemm", []):
+        rate = f"{g['tflops']:.0f} TFLOP/s" if "tflops" in g else g.get("error", "")[:60]
+        lines.append(f"| torch.mm bf16, {g['out']} out | {g['m']} x {g['k']} @ {g['k']} x {g['n']} | {rate} |")
+    for r in ceilings.get("read", []):
+        lines.append(f"| read kernel | {r['buffer_mib']:.0f} MiB x {r['reps']} | {r['tb_per_s']:.2f} TB/s |")
+    return lines
 
 
 def plot(report: dict, path: Path) -> str | None:
@@ -488,26 +539,41 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(device)
     print(f"[env] {env}", flush=True)
     plans = {name: options[0] for name, options in configs.items()}
-    correctness = check_correctness(*check_shape, device, plans)
-    tuning = []
-    if not args.no_tune:
-        for name, options in configs.items():
-            plans[name], rows = tune(*tune_shape, device, name, options)
-            tuning += rows
-    print(f"[tiles] using {plans}", flush=True)
-    rows = run_sweep(args, plans, deadline, device)
-    report = {"environment": env, "plans": {k: asdict(v) for k, v in plans.items()}, "correctness": correctness,
-              "tuning": tuning,
-              "rows": rows, "wall_s": time.perf_counter() - start, "smoke": args.smoke}  # fmt: skip
-
+    report = {"environment": env, "plans": {k: asdict(v) for k, v in plans.items()}, "correctness": [],
+              "ceilings": {}, "tuning": [], "breakdown": {}, "rows": [], "wall_s": 0.0, "smoke": args.smoke,
+              "complete": False}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     slug = "smoke" if args.smoke else env["device"].lower().replace(" ", "-").replace("/", "-")
     stem = args.out / f"triton_gpu_{slug}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    stem.with_suffix(".md").write_text(markdown(report))
+
+    def save() -> None:
+        # After every stage and every measured row: a run killed at the device's time limit keeps
+        # what it measured. Written aside, then renamed: a file is never left half-written.
+        report["wall_s"] = time.perf_counter() - start
+        for suffix, text in ((".json", json.dumps(report, indent=1)), (".md", markdown(report))):
+            tmp = stem.with_suffix(suffix + ".tmp")
+            tmp.write_text(text)
+            tmp.replace(stem.with_suffix(suffix))
+
+    report["correctness"] = check_correctness(*check_shape, device, plans)
+    save()
+    report["ceilings"] = measure_ceilings(device, dims=(check_shape[1], check_shape[2]), smoke=args.smoke)
+    save()
+    if not args.no_tune:
+        for name, options in configs.items():
+            plans[name], rows = tune(*tune_shape, device, name, options, deadline)
+            report["tuning"] += rows
+            save()
+    report["plans"] = {k: asdict(v) for k, v in plans.items()}
+    print(f"[tiles] using {plans}", flush=True)
+    report["breakdown"] = breakdowns(tune_shape, device, plans)
+    save()
+    run_sweep(args, plans, deadline, device, report["rows"], on_row=save)
+    report["complete"] = True
+    save()
     note = plot(report, stem.with_suffix(".png"))
     print(f"[done] {stem}.json/.md" + (f" ({note})" if note else "/.png") + f" in {report['wall_s']:.0f} s")
-    return 0 if all(c["pass"] for c in correctness) else 1
+    return 0 if all(c["pass"] for c in report["correctness"]) else 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,39 @@
+"""The GPU benchmark script runs end to end (smoke mode: the Triton interpreter, tiny shapes).
+
+Sessions without a GPU prepare `benchmarks/bench_triton_gpu.py` for the one device call of a later
+session; this keeps it from rotting in between. It runs the script in a fresh process (it picks
+the interpreter before importing Triton) and checks its report: both Triton plans agree with the
+torch backend, every stage reported, every method measured, and the report marked complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_gpu_benchmark_smoke_run_reports_every_stage(tmp_path):
+    env = dict(os.environ, TRITON_INTERPRET="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    script = ROOT / "benchmarks" / "bench_triton_gpu.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--out", str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "triton_gpu_smoke.json").read_text())
+    assert report["complete"] and report["smoke"]
+    assert {c["plan"] for c in report["correctness"]} == {"triton", "triton-chunked"}
+    assert all(c["pass"] for c in report["correctness"])
+    assert any("tflops" in g for g in report["ceilings"]["gemm"])
+    assert all(r["tb_per_s"] > 0 for r in report["ceilings"]["read"])
+    assert [t.get("error") for t in report["tuning"]] == [None, None]
+    measured = {(r["B"], r["method"]) for r in report["rows"] if r["status"] == "ok"}
+    methods = {"triton", "triton-chunked", "torch", "reference", "compiled", "sentence-transformers"}
+    assert measured == {(b, m) for b in (16, 40) for m in methods}
+    assert "## Time and memory" in (tmp_path / "triton_gpu_smoke.md").read_text()
+    assert not list(tmp_path.glob("*.tmp"))
