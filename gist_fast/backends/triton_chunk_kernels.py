@@ -120,8 +120,10 @@ def tile_kernel(
             # fp16 overflow) and rounded to 16 bits once; the GEMM multiplies 2^k back exactly.
             v = e / norm_y[None, :]
             v_max = tl.max(v, axis=1)
-            # (k >= -120 keeps 2^-k finite for absurdly large norms.)
-            k = tl.where(v_max > 0, tl.maximum(tl.ceil(tl.log2(tl.maximum(v_max, 1e-38))), -120.0), 0.0)
+            # (k >= -120 keeps 2^-k finite for absurdly large norms. A row of zeros takes log2(1);
+            # not a clamp like max(v, 1e-38): triton 3.6 types that literal as float64, NOTES v3a.)
+            v_pos = tl.where(v_max > 0, v_max, 1.0)
+            k = tl.where(v_max > 0, tl.maximum(tl.ceil(tl.log2(v_pos)), -120.0), 0.0)
             tl.store(tile_exp + t_ptr, k, mask=row_mask)
             tl.store(w_ptr, (v * tl.exp2(-k)[:, None]).to(w_out.dtype.element_ty), mask=tile_mask)
         if IS_TARGET_BLOCK:

@@ -3,9 +3,10 @@
 Triton compiles ahead of time for a named target with the ptxas bundled in its wheel, so a CPU-only
 machine (CI) can check that every kernel variant the backend launches builds for sm_90, and read
 from the build what decides its speed: registers and spill stack (cubin), shared memory, and in the
-PTX the tensor-core instructions (`wgmma.mma_async`) and the asynchronous copies (`cp.async`) that
-show the dot loops are software-pipelined. The interpreter tests check the arithmetic; this checks
-what only a GPU build sees.
+PTX the tensor-core instructions (`wgmma.mma_async`), the asynchronous copies (`cp.async`) that
+show the dot loops are software-pipelined, and any float64 instruction (none is needed: one means a
+literal Triton typed as float64, as triton 3.6 does for one below float32's normal range). The
+interpreter tests check the arithmetic; this checks what only a GPU build sees.
 
 Each kernel is built with the specialisation a real launch gets: Triton's JIT marks pointers and
 integer arguments divisible by 16 (nothing else; a stride of 1 is *not* specialised), so the
@@ -53,11 +54,12 @@ class Build:
     shared_bytes: int
     wgmma: int  # wgmma.mma_async instructions in the PTX (Hopper tensor cores)
     cp_async: int  # cp.async instructions in the PTX (pipelined global -> shared copies)
+    f64: int  # instructions on float64 values in the PTX (none is needed; a stray literal makes them)
 
     def __str__(self) -> str:
         return (
             f"REG:{self.registers} STACK:{self.spill_bytes} SHARED:{self.shared_bytes} "
-            f"WGMMA:{self.wgmma} CP_ASYNC:{self.cp_async}"
+            f"WGMMA:{self.wgmma} CP_ASYNC:{self.cp_async} F64:{self.f64}"
         )
 
 
@@ -172,6 +174,7 @@ def compile_all(
             shared_bytes=compiled.metadata.shared,
             wgmma=len(re.findall(r"wgmma\.mma_async", ptx)),
             cp_async=len(re.findall(r"cp\.async", ptx)),
+            f64=len(re.findall(r"^\s*[a-z][\w.]*\.f64\b", ptx, flags=re.MULTILINE)),
         )
     return report
 
@@ -223,11 +226,11 @@ def _markdown(report: dict[str, Build], blocks: Blocks, chunks: Chunks, args, ar
         f"triton {triton.__version__}, torch {torch.__version__}; no kernel ran. Fused tiles: {blocks};",
         f"chunked tiles: {chunks}.",
         "",
-        "| kernel | registers | spill stack (B) | shared memory (B) | wgmma | cp.async |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| kernel | registers | spill stack (B) | shared memory (B) | wgmma | cp.async | f64 |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     lines += [
-        f"| {name} | {b.registers} | {b.spill_bytes} | {b.shared_bytes} | {b.wgmma} | {b.cp_async} |"
+        f"| {name} | {b.registers} | {b.spill_bytes} | {b.shared_bytes} | {b.wgmma} | {b.cp_async} | {b.f64} |"
         for name, b in report.items()
     ]
     return "\n".join(lines) + "\n"
