@@ -19,6 +19,7 @@ This module needs ``sentence-transformers`` (tested with 6.2); ``import gist_fas
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Iterable
 from typing import Any, Literal
 
@@ -40,6 +41,7 @@ except ImportError:  # pragma: no cover - older sentence-transformers
             "gist_fast.integrations.sentence_transformers needs sentence-transformers: "
             "pip install 'sentence-transformers>=5'"
         ) from error
+import sentence_transformers
 from sentence_transformers.util import batch_to_device
 
 try:  # sentence-transformers 6: one merged forward for the candidate columns.
@@ -75,6 +77,28 @@ GRADCACHE_CITATION = """
     primaryClass={cs.LG}
 }
 """
+
+
+def _version(text: str) -> tuple[int, int]:
+    major, minor = (re.findall(r"\d+", text) + ["0", "0"])[:2]
+    return int(major), int(minor)
+
+
+_ST_VERSION = _version(getattr(sentence_transformers, "__version__", "0.0"))
+
+
+def _check_cached_retokenisation(must_retokenize: bool, st_version: tuple[int, int]) -> None:
+    """sentence-transformers 6.0 and 6.1's ``CachedGISTEmbedLoss`` (whose embedding this class
+    inherits) crash on the first batch when the guide re-tokenises: their ``embed_minibatch`` calls
+    ``.to(device)`` on every value the guide's ``preprocess`` returns, a string among them
+    (``AttributeError: 'str' object has no attribute 'to'``); 6.2 fixed it. Say so up front."""
+    if must_retokenize and (6, 0) <= st_version < (6, 2):
+        raise ValueError(
+            f"CachedGISTEmbedLoss: the guide needs re-tokenising (its tokenizer or max_seq_length differs "
+            f"from the model's), which sentence-transformers {st_version[0]}.{st_version[1]}'s cached "
+            "embedding cannot do (it fails with \"'str' object has no attribute 'to'\"; fixed in 6.2). "
+            "Upgrade with pip install 'sentence-transformers>=6.2', or use GISTEmbedLoss."
+        )
 
 
 def _check_backend(backend: str) -> str:
@@ -352,6 +376,7 @@ class CachedGISTEmbedLoss(_STCachedGISTEmbedLoss):
             **kwargs,
         )
         self.backend = _check_backend(backend)
+        _check_cached_retokenisation(self.must_retokenize, _ST_VERSION)
 
     def calculate_loss(
         self, reps: list[list[Tensor]], reps_guided: list[list[Tensor]], *, with_backward: bool = False
