@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             return _train(args)
         return _eval(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"gist-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -104,3 +105,16 @@ def test_half_precision_and_mixed_dtypes_are_accepted():
     args = good(anchor=torch.randn(B, D, dtype=torch.bfloat16), guide_anchor=torch.randn(B, DG, dtype=torch.float16))
     loss = gist_fast.gist_loss(**args, backend="torch")
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+def test_missing_train_extra_names_the_package_and_the_install_command(tmp_path, monkeypatch):
+    """Without the train extra, reading data fails with the package to install, not a bare
+    ModuleNotFoundError from inside the trainer."""
+    from gist_fast.training.data import _load_dataset
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"anchor": "a", "positive": "b"}\n')
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if it were not installed
+    install = r"train\.jsonl needs the package 'datasets': pip install 'gist-fast\[train\]'"
+    with pytest.raises(ImportError, match=install):
+        _load_dataset(str(data), "train")

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from .extras import require
+
 _FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 
 
@@ -62,7 +64,7 @@ class PairData:
 
 
 def _load_dataset(source: str, split: str):
-    import datasets
+    datasets = require("datasets", f"reading the data {source}")
 
     path = Path(source)
     if path.is_file():

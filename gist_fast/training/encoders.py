@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .extras import require
+
 POOLING_MODES = ("mean", "cls", "lasttoken", "max")
 
 # sentence-transformers' legacy boolean keys -> our pooling names
@@ -349,7 +351,8 @@ def load_encoder(
 
 
 def _load_from_path(source: str, max_seq_length: int | None) -> Encoder:
-    from transformers import AutoModel, AutoTokenizer
+    transformers = require("transformers", f"loading the model {source}")
+    AutoModel, AutoTokenizer = transformers.AutoModel, transformers.AutoTokenizer  # noqa: N806
 
     root = Path(source)
     is_local = root.exists()
