@@ -198,6 +198,45 @@ def test_gather_offset(world, rank, dtype, plan):
         assert_close_scaled(got.cpu(), want, tol["grad"], "grad", floor=floor)
 
 
+@plan_param
+def test_rows_beyond_int32_offsets(plan):
+    """Rows that start more than 2^31 elements into their storage are read where they are.
+
+    At B = 2^20 with a 2048-wide guide, the stacked guide columns hold 2^32 elements: a row's offset
+    row * row_stride overflows int32, so the kernels form it in int64. Here the offsets come from a
+    huge row stride instead of a huge batch (row 4 starts at 2^31 + 64 elements; the storage between
+    rows is virtual memory, never touched), and the result must equal the same values stored
+    contiguously. An int32 product wraps to a negative offset: the view starts 2^31 elements into
+    its storage, so the wrapped read lands inside it (a wrong value, not a crash)."""
+    rng = rng_for("triton-int64", plan)
+    problem = on_device(draw_problem(rng, 5, 12, 10, 1, options={"reduction": "sum", "temperature": 0.05}))
+    row_stride = 2**29 + 16
+
+    def far_apart(t: torch.Tensor) -> torch.Tensor:
+        lead = 2**31
+        storage = torch.empty(lead + row_stride * (t.shape[0] - 1) + t.shape[1], dtype=torch.float16, device=DEVICE)
+        view = storage.as_strided(t.shape, (row_stride, 1), lead)
+        view.copy_(t)
+        return view
+
+    def run(student, guide):
+        student = [t.detach().requires_grad_() for t in student]
+        loss = triton_loss(PLANS[plan])(student[0], student[1], guide[0], guide[1], student[2:], guide[2:],
+                                        **problem.options)  # fmt: skip
+        return loss, torch.autograd.grad(loss, student)
+
+    student = [t.half() for t in problem.student]
+    guide = [t.half() for t in problem.guide]
+    expected_loss, expected_grads = run(student, guide)
+    far_student = [far_apart(t) for t in student[:2]] + student[2:]
+    far_guide = [far_apart(t) for t in guide[:2]] + guide[2:]
+    assert far_student[0].stride(0) * 4 >= 2**31
+    loss, grads = run(far_student, far_guide)
+    assert_close_scaled(loss, expected_loss, 1e-6, "loss (rows beyond int32 offsets)")
+    for got, want in zip(grads, expected_grads, strict=True):
+        assert_close_scaled(got.float(), want.float(), 1e-3, "grad (rows beyond int32 offsets)")
+
+
 def test_non_contiguous_and_stacked_negatives():
     """Transposed and strided inputs, negatives as one (k, P, d) tensor and as separate tensors."""
     rng = rng_for("triton-strides")
