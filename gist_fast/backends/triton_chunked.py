@@ -121,9 +121,13 @@ def _jacobian_(x: Tensor, norm: Tensor, v: Tensor) -> Tensor:
     return v.sub_(x_hat.mul_(proj)).div_(n)
 
 
+CUDA_MAX_GRID_Y = 65535  # a launch grid's second dimension
+
+
 def _chunk_shape(problem: _Problem, chunks: Chunks) -> tuple[int, int]:
     """(R, C): the configured chunk, capped by the problem and by 1/8 of the inputs' bytes."""
     rows, cols = min(chunks.rows, problem.B), min(chunks.columns, max(problem.B, problem.P))
+    cols = min(cols, CUDA_MAX_GRID_Y * chunks.tile_n)  # the tile kernel's grid is (R / tile_m, C / tile_n)
     inputs = (problem.a, problem.p, problem.n, problem.ga, problem.gp, problem.gn)
     input_bytes = sum(t.numel() * t.element_size() for t in inputs)
     cap = max(4 << 20, input_bytes // 8 // problem.a.element_size())
