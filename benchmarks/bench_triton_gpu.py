@@ -312,6 +312,15 @@ def tune(
     return (best[0] if best else configs[0]), rows
 
 
+def _probe(fn, *args, **kwargs) -> dict:
+    """A calibration probe's result, or {"error": ...}: a probe never stops the benchmark."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as err:
+        print(f"[probe] {fn.__name__} failed: {type(err).__name__}: {err}", flush=True)
+        return {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+
+
 def breakdowns(shape: tuple[int, int, int], device: str, plans: dict) -> dict[str, list[dict]]:
     """Each Triton plan's forward + backward at `shape` (B, d, dg), split into its kernels."""
     student, guide = make_inputs(*shape, torch.bfloat16, device)
@@ -444,7 +453,9 @@ def markdown(report: dict) -> str:
         )
     lines += _ceilings_markdown(report.get("ceilings") or {})
     for plan, kernels in (report.get("breakdown") or {}).items():
-        if kernels:
+        if plan == "error":
+            lines += ["", f"Kernel breakdown failed: {kernels}"]
+        elif kernels:
             lines += ["", f"## Kernels of one {plan} forward + backward (B, d, dg of the tile sweep)", "",
                       "| kernel | calls | ms | share |", "| --- | --- | --- | --- |"]  # fmt: skip
             lines += [f"| `{k['kernel']}` | {k['calls']} | {k['ms']:.2f} | {k['share']:.1%} |" for k in kernels]
@@ -468,6 +479,8 @@ def markdown(report: dict) -> str:
 def _ceilings_markdown(ceilings: dict) -> list[str]:
     if not ceilings:
         return []
+    if "error" in ceilings:
+        return ["", f"Rate probes failed: {ceilings['error']}"]
     lines = ["", "## The card's rates at these shapes (benchmarks/gpu_probes.py)", "",
              "| probe | shape | rate |", "| --- | --- | --- |"]  # fmt: skip
     for g in ceilings.get("gemm", []):
@@ -557,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report["correctness"] = check_correctness(*check_shape, device, plans)
     save()
-    report["ceilings"] = measure_ceilings(device, dims=(check_shape[1], check_shape[2]), smoke=args.smoke)
+    report["ceilings"] = _probe(measure_ceilings, device, dims=(check_shape[1], check_shape[2]), smoke=args.smoke)
     save()
     if not args.no_tune:
         for name, options in configs.items():
@@ -566,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
             save()
     report["plans"] = {k: asdict(v) for k, v in plans.items()}
     print(f"[tiles] using {plans}", flush=True)
-    report["breakdown"] = breakdowns(tune_shape, device, plans)
+    report["breakdown"] = _probe(breakdowns, tune_shape, device, plans)
     save()
     run_sweep(args, plans, deadline, device, report["rows"], on_row=save)
     report["complete"] = True
