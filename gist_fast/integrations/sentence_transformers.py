@@ -13,7 +13,8 @@ computed by `gist_fast.gist_loss`, whose memory is linear in the batch (sentence
 B x N x d tensors to compute cosine similarities by broadcasting) and which runs a fused Triton kernel
 on CUDA. The extra ``backend`` argument picks the `gist_fast.gist_loss` backend.
 
-This module needs ``sentence-transformers`` (tested with 6.2); ``import gist_fast`` does not import it.
+This module needs ``sentence-transformers`` (tested with 6.2 and 6.0.1; see
+`_check_cached_retokenisation` for 6.0-6.1); ``import gist_fast`` does not import it.
 """
 
 from __future__ import annotations
