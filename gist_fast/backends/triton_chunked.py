@@ -271,19 +271,26 @@ def run_chunked(problem: _Problem, weight: Tensor, with_grad: bool, chunks: Chun
     for blk in blocks:
         sources.setdefault(blk.column_source, []).append(blk)
     w_over_tau = weight * inv_temp
+    # H's row factor w_i / (tau |x_i|) = coef * 2^kappa (coef in H, 2^kappa in the GEMM), for all B
+    # rows of each row input at once: per chunk these are slices, not launches.
+    row_factors = {}
+    for blk in blocks:
+        if blk.row_side not in row_factors:  # the row input: anchors ("a") or positives ("p")
+            x_norms = blk.norms_x[blk.x_shift : blk.x_shift + B].clamp_min(NORM_EPS)
+            coef, kappa = _pow2_split(w_over_tau / x_norms)
+            row_factors[blk.row_side] = (coef, _pow2(kappa))
     for source, group in sources.items():
         y, norms_y, n_cols = group[0].y, group[0].norms_y, group[0].n_cols
         for c0 in range(0, n_cols, C):
             nc = min(C, n_cols - c0)
             acc = torch.zeros((nc, d), device=dev)
             for blk in group:
+                coef, k_scale = row_factors[blk.row_side]
                 for r0 in range(0, B, R):
                     nr = min(R, B - r0)
-                    x_norms = blk.norms_x[blk.x_shift + r0 : blk.x_shift + r0 + nr].clamp_min(NORM_EPS)
-                    # H's row factor w_i / (tau |x_i|) = coef * 2^kappa: coef in H, 2^kappa in the GEMM.
-                    coef, kappa = _pow2_split(w_over_tau[r0 : r0 + nr] / x_norms)
-                    run.tiles(blk, 1, r0, nr, c0, nc, lse, target, row_coef=coef)
-                    run.gemm(acc, nc, nr, True, blk.x, blk.x_shift + r0, k_scale=_pow2(kappa))
+                    rows = slice(r0, r0 + nr)
+                    run.tiles(blk, 1, r0, nr, c0, nc, lse, target, row_coef=coef[rows])
+                    run.gemm(acc, nc, nr, True, blk.x, blk.x_shift + r0, k_scale=k_scale[rows])
             grad = grads[source][c0 : c0 + nc]
             grad.copy_(_jacobian_(y[c0 : c0 + nc], norms_y[c0 : c0 + nc], acc).add_(grad))
     return lse, target, (grads[0], grads[1], grad_n)
