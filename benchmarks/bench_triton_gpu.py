@@ -274,6 +274,7 @@ def compiled_resources() -> dict[str, list[str]]:
         "column_pass_kernel": triton_kernels.column_pass_kernel,
         "tile_kernel": triton_chunk_kernels.tile_kernel,
         "scaled_gemm_kernel": triton_chunk_kernels.scaled_gemm_kernel,
+        "chunk_stats_kernel": triton_chunk_kernels.chunk_stats_kernel,
     }
     for name, kernel in kernels.items():
         try:

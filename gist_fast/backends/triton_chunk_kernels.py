@@ -2,7 +2,8 @@
 
 The fused kernels (`triton_kernels`) keep each program's row-side gradient (rows x d in fp32) in an
 L2 scratch, which caps them near 33 FLOP/byte. Here the work is cut into chunks of R anchor rows x
-C columns of one block, and each chunk runs two kernels whose tiles have a GEMM's traffic:
+C columns of one block, and each chunk runs two kernels whose tiles have a GEMM's traffic (and,
+in pass 1, a small one between them):
 
 - `tile_kernel`: the masked logits z of a BLOCK_M x BLOCK_N tile (student and guide dots, the
   guide's mask: `_logit_tile`, shared with the fused kernels), then
@@ -16,9 +17,10 @@ C columns of one block, and each chunk runs two kernels whose tiles have a GEMM'
   where A is a W or H chunk and B rows of an input: the online-softmax rescale (alpha, and
   row_scale = 2^(q_t + k_t - Q) per row and tile) and the 2^kappa factors (k_scale) are powers of
   two applied to the A tile before it goes to the tensor cores, so they round nothing.
+- `chunk_stats_kernel` (pass 1, between the two): the online-softmax step over the chunk's tile
+  maxima and sums (running max, sum, row_scale and alpha for the GEMM), one small launch.
 
-The orchestration over chunks, the online max across chunks and the normalisation Jacobian are
-in `triton_chunked`.
+The orchestration over chunks and the normalisation Jacobian are in `triton_chunked`.
 """
 
 from __future__ import annotations
@@ -221,3 +223,62 @@ def scaled_gemm_kernel(
     if HAS_ALPHA:
         previous = previous * tl.load(alpha + rm, mask=m_mask, other=0.0)[:, None]
     tl.store(o_ptr, previous + acc, mask=o_mask)
+
+
+@triton.jit
+def _pow2_exact(e):
+    """2^e for integer-valued float32 e, bit-exact: 0 below 2^-126 (and for -inf), capped at 2^127.
+
+    Built from the exponent bits rather than exp2, whose GPU instruction is an approximation: the
+    online-softmax rescales must be exact powers of two so that scaling a 16-bit tile rounds nothing."""
+    normal = e >= -126.0
+    exponent = tl.where(normal, tl.minimum(e, 127.0), 0.0).to(tl.int32)
+    return tl.where(normal, ((exponent + 127) << 23).to(tl.float32, bitcast=True), 0.0)
+
+
+@triton.jit
+def chunk_stats_kernel(
+    # the tile kernel's pass-1 outputs for this chunk: [nr, tiles], row stride s_t
+    tile_max,
+    tile_sum,
+    tile_exp,
+    s_t,
+    # per row, updated in place: running max (log2 units, integer-valued), sum, accumulator reference
+    big,
+    total,
+    ref,
+    # outputs for the GEMM (WITH_GRAD): row_scale [nr, tiles] (row stride s_t), alpha [nr]
+    row_scale,
+    alpha,
+    nr,
+    tiles,
+    WITH_GRAD: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """Pass 1's online-softmax step after one chunk, for BLOCK_R rows (one launch instead of ~20
+    small torch ops per chunk, NOTES.md v3c). With Q the new running max and q_t the tile maxima:
+        Q     = max(Q_old, max_t q_t)                       (shift s = Q, or 0 while Q = -inf)
+        total = total * 2^(Q_old - s) + sum_t tile_sum_t * 2^(q_t - s)
+        row_scale_t = 2^(q_t - s + k_t),  alpha = 2^(ref - s),  ref = Q
+    Every factor is an exact power of two (`_pow2_exact`)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    t = tl.arange(0, BLOCK_T)
+    row_mask = rows < nr
+    mask = row_mask[:, None] & (t[None, :] < tiles)
+    offs = rows.to(tl.int64)[:, None] * s_t + t[None, :]
+    t_max = tl.load(tile_max + offs, mask=mask, other=float("-inf"))
+    t_sum = tl.load(tile_sum + offs, mask=mask, other=0.0)
+    old = tl.load(big + rows, mask=row_mask, other=float("-inf"))
+    new = tl.maximum(old, tl.max(t_max, axis=1))
+    shift = tl.where(new > float("-inf"), new, 0.0)
+    tot = tl.load(total + rows, mask=row_mask, other=0.0)
+    tot = tot * _pow2_exact(old - shift) + tl.sum(t_sum * _pow2_exact(t_max - shift[:, None]), axis=1)
+    tl.store(total + rows, tot, mask=row_mask)
+    tl.store(big + rows, new, mask=row_mask)
+    if WITH_GRAD:
+        t_exp = tl.load(tile_exp + offs, mask=mask, other=0.0)
+        tl.store(row_scale + offs, _pow2_exact(t_max - shift[:, None] + t_exp), mask=mask)
+        previous_ref = tl.load(ref + rows, mask=row_mask, other=float("-inf"))
+        tl.store(alpha + rows, _pow2_exact(previous_ref - shift), mask=row_mask)
+        tl.store(ref + rows, new, mask=row_mask)  # stays -inf while the row has no entry (acc still 0)

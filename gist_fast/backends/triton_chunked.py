@@ -165,7 +165,20 @@ class _Launcher:
         self.tile_max = torch.empty((rows, tiles), device=device, dtype=torch.float32)
         self.tile_sum = torch.empty_like(self.tile_max)
         self.tile_exp = torch.empty_like(self.tile_max)
+        self.row_scale = torch.empty_like(self.tile_max)
+        self.alpha = torch.empty(rows, device=device, dtype=torch.float32)
         self.below_peak = dtype == torch.float16
+
+    def stats(self, nr: int, nc: int, big: Tensor, total: Tensor, ref: Tensor | None) -> None:
+        """Pass 1's online-softmax step after a chunk of nr rows x nc columns: updates big, total
+        (and ref), and with ref (gradients wanted) writes self.row_scale and self.alpha for the GEMM."""
+        tiles = triton.cdiv(nc, self.chunks.tile_n)
+        block_r = 16
+        CK.chunk_stats_kernel[(triton.cdiv(nr, block_r),)](
+            self.tile_max, self.tile_sum, self.tile_exp, self.tile_max.stride(0),
+            big, total, ref if ref is not None else big, self.row_scale, self.alpha, nr, tiles,
+            WITH_GRAD=ref is not None, BLOCK_R=block_r, BLOCK_T=triton.next_power_of_2(self.tile_max.shape[1]),
+        )  # fmt: skip
 
     def tiles(self, blk: _Block, mode: int, r0: int, nr: int, c0: int, nc: int, lse: Tensor, target: Tensor,
               row_coef: Tensor | None = None, write: bool = True) -> None:  # fmt: skip
@@ -243,18 +256,12 @@ def run_chunked(problem: _Problem, weight: Tensor, with_grad: bool, chunks: Chun
             for c0 in range(0, blk.n_cols, C):
                 nc = min(C, blk.n_cols - c0)
                 run.tiles(blk, 0, r0, nr, c0, nc, lse, target, write=with_grad)
-                tiles = triton.cdiv(nc, chunks.tile_n)
-                t_max, t_sum = run.tile_max[:nr, :tiles], run.tile_sum[:nr, :tiles]
-                new_big = torch.maximum(big, t_max.amax(1))
-                shift = torch.where(new_big > minus_inf, new_big, torch.zeros_like(new_big))
-                total = total * _pow2(big - shift) + (t_sum * _pow2(t_max - shift[:, None])).sum(1)
-                big = new_big
+                side = blk.row_side
+                run.stats(nr, nc, big, total, ref[side] if with_grad else None)
                 if with_grad:
-                    side = blk.row_side
-                    row_scale = _pow2(t_max - shift[:, None] + run.tile_exp[:nr, :tiles])
-                    alpha = _pow2(ref[side] - shift)
-                    run.gemm(acc[side], nr, nc, False, blk.y, c0, alpha=alpha, row_scale=row_scale)
-                    ref[side] = new_big  # stays -inf while the row has no entry (acc still 0)
+                    tiles = triton.cdiv(nc, chunks.tile_n)
+                    run.gemm(acc[side], nr, nc, False, blk.y, c0, alpha=run.alpha[:nr],
+                             row_scale=run.row_scale[:nr, :tiles])  # fmt: skip
         # `total` (times 2^big) sums every entry but the target, which is never masked: joined here
         # in log space, since the target may exceed all the others by far (lse finite either way).
         others = (big + torch.log2(total)) * LN2  # log of the others' sum; -inf if there are none

@@ -41,7 +41,7 @@ _STUDENT = {"a", "p", "n", "ga", "gp", "gn", "grad_a", "grad_p", "out", "x", "y"
 _FP32_PTRS = {
     "norms", "gnorms", "thr_ptr", "weight_ptr", "lse_out", "target_out", "lse_ptr", "scratch",
     "norms_x", "gnorms_x", "norms_y", "gnorms_y", "tile_max", "tile_sum", "tile_exp", "row_coef",
-    "alpha", "row_scale", "k_scale", "peak",
+    "alpha", "row_scale", "k_scale", "peak", "big", "total", "ref",
 }  # fmt: skip
 
 
@@ -74,6 +74,7 @@ def _sample_ints(d: int, dg: int, chunks: Chunks, rows: int = 65536, negatives: 
         "n_rows": rows, "dim": d, "s_x": d, "s_y": d, "s_gx": dg, "s_gy": dg,
         "x_shift": 0, "row0": 0, "col0": 0, "n_cols": chunk, "s_w": chunk, "s_t": tiles,
         "s_out": d, "b_row0": 0, "s_b": d, "s_rs": tiles, "M": chunks.rows, "N": d, "K": chunk,
+        "nr": chunks.rows, "tiles": tiles,
     }  # fmt: skip
 
 
@@ -133,6 +134,11 @@ def kernel_variants(
         ("chunk_tile[pass2]", CK.tile_kernel, tile | {"MODE": 1, "IS_TARGET_BLOCK": True, "WRITE_W": True}, tile_opts),
         ("chunk_gemm[pass1]", CK.scaled_gemm_kernel, gemm | pass1 | below_peak, gemm_opts),
         ("chunk_gemm[pass2]", CK.scaled_gemm_kernel, gemm | pass2 | below_peak, gemm_opts),
+    ]
+    stats = {"BLOCK_R": 16, "BLOCK_T": triton.next_power_of_2(-(-chunks.columns // chunks.tile_n))}
+    variants += [
+        (f"chunk_stats[{name}]", CK.chunk_stats_kernel, stats | {"WITH_GRAD": grad}, {"num_warps": 4})
+        for name, grad in (("grad", True), ("forward", False))
     ]
     return variants
 
