@@ -40,9 +40,11 @@ Usage (repo root):
     python3 benchmarks/bench_triton_gpu.py --smoke        # CPU, Triton interpreter, tiny shapes: checks the script
 
 If the kernel runs at the rate predicted in benchmarks/NOTES.md, B = 1048576 takes minutes and the
-budget records it as skipped; measure it on its own in a second call:
-    python3 benchmarks/bench_triton_gpu.py --out "$OUT" --dims 768 --batches 1048576 --methods triton \
-        --no-tune --budget-s 560
+budget records it as skipped; measure it on its own in a second call, with the tiles the first
+call tuned (its report copied into the repo first, so that it travels to the device):
+    python3 benchmarks/bench_triton_gpu.py --out "$OUT" --dims 768 --batches 1048576 \
+        --methods triton triton-chunked --tiles-from benchmarks/results/triton_gpu_<gpu>.json --tag b1048576 \
+        --budget-s 560
 """
 
 from __future__ import annotations
@@ -313,6 +315,15 @@ def tune(
     return (best[0] if best else configs[0]), rows
 
 
+def tiles_from(path: Path) -> dict[str, Blocks | Chunks]:
+    """The tiles a previous report used for each Triton plan (its "plans": the tuned ones)."""
+    try:
+        saved = json.loads(path.read_text())["plans"]
+        return {"triton": Blocks(**saved["triton"]), "triton-chunked": Chunks(**saved["triton-chunked"])}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SystemExit(f"--tiles-from {path}: no usable 'plans' in it ({type(err).__name__}: {err})") from err
+
+
 def _probe(fn, *args, **kwargs) -> dict:
     """A calibration probe's result, or {"error": ...}: a probe never stops the benchmark."""
     try:
@@ -536,6 +547,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guide-dim", type=int, default=1024)
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--no-tune", action="store_true", help="skip the tile sweep, use the default tiles")
+    parser.add_argument("--tag", default="", help="appended to the report's file names (a second run's)")
+    parser.add_argument(
+        "--tiles-from", type=Path, help="a previous run's JSON report: use its (tuned) tiles, skip the sweep"
+    )
     args = parser.parse_args(argv)
     start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -553,12 +568,15 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(device)
     print(f"[env] {env}", flush=True)
     plans = {name: options[0] for name, options in configs.items()}
+    if args.tiles_from is not None:
+        plans.update(tiles_from(args.tiles_from))
+        args.no_tune = True
     report = {"environment": env, "plans": {k: asdict(v) for k, v in plans.items()}, "correctness": [],
               "ceilings": {}, "tuning": [], "breakdown": {}, "rows": [], "wall_s": 0.0, "smoke": args.smoke,
               "complete": False}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     slug = "smoke" if args.smoke else env["device"].lower().replace(" ", "-").replace("/", "-")
-    stem = args.out / f"triton_gpu_{slug}"
+    stem = args.out / (f"triton_gpu_{slug}" + (f"_{args.tag}" if args.tag else ""))
 
     def save() -> None:
         # After every stage and every measured row: a run killed at the device's time limit keeps
