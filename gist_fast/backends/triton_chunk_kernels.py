@@ -34,6 +34,17 @@ LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
+def _pow2_exact(e):
+    """2^e for integer-valued float32 e, bit-exact: 0 below 2^-126 (and for -inf), capped at 2^127.
+
+    Built from the exponent bits rather than exp2, whose GPU instruction is an approximation: the
+    online-softmax rescales must be exact powers of two so that scaling a 16-bit tile rounds nothing."""
+    normal = e >= -126.0
+    exponent = tl.where(normal, tl.minimum(e, 127.0), 0.0).to(tl.int32)
+    return tl.where(normal, ((exponent + 127) << 23).to(tl.float32, bitcast=True), 0.0)
+
+
+@triton.jit
 def tile_kernel(
     # the row input (student, guide; row i of the block is row x_shift + i) and its norms
     x,
@@ -127,7 +138,7 @@ def tile_kernel(
             v_pos = tl.where(v_max > 0, v_max, 1.0)
             k = tl.where(v_max > 0, tl.maximum(tl.ceil(tl.log2(v_pos)), -120.0), 0.0)
             tl.store(tile_exp + t_ptr, k, mask=row_mask)
-            tl.store(w_ptr, (v * tl.exp2(-k)[:, None]).to(w_out.dtype.element_ty), mask=tile_mask)
+            tl.store(w_ptr, (v * _pow2_exact(-k)[:, None]).to(w_out.dtype.element_ty), mask=tile_mask)
         if IS_TARGET_BLOCK:
             # Each row's target column o + i lies in exactly one tile of AP; that tile records z.
             has_target = tl.max(is_target.to(tl.int32), axis=1) > 0
@@ -223,17 +234,6 @@ def scaled_gemm_kernel(
     if HAS_ALPHA:
         previous = previous * tl.load(alpha + rm, mask=m_mask, other=0.0)[:, None]
     tl.store(o_ptr, previous + acc, mask=o_mask)
-
-
-@triton.jit
-def _pow2_exact(e):
-    """2^e for integer-valued float32 e, bit-exact: 0 below 2^-126 (and for -inf), capped at 2^127.
-
-    Built from the exponent bits rather than exp2, whose GPU instruction is an approximation: the
-    online-softmax rescales must be exact powers of two so that scaling a 16-bit tile rounds nothing."""
-    normal = e >= -126.0
-    exponent = tl.where(normal, tl.minimum(e, 127.0), 0.0).to(tl.int32)
-    return tl.where(normal, ((exponent + 127) << 23).to(tl.float32, bitcast=True), 0.0)
 
 
 @triton.jit
