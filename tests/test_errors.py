@@ -118,3 +118,20 @@ def test_missing_train_extra_names_the_package_and_the_install_command(tmp_path,
     install = r"train\.jsonl needs the package 'datasets': pip install 'gist-fast\[train\]'"
     with pytest.raises(ImportError, match=install):
         _load_dataset(str(data), "train")
+
+
+def test_without_triton_auto_takes_torch_and_triton_names_the_package(monkeypatch):
+    """torch's CUDA builds also run where Triton is not installed: "auto" then takes the tiled
+    torch backend on CUDA tensors, and an explicit Triton backend says what is missing."""
+    from types import SimpleNamespace
+
+    from gist_fast import backends
+
+    on_cuda = SimpleNamespace(anchor=SimpleNamespace(device=torch.device("cuda")))
+    assert backends.auto_backend(on_cuda) == ("triton" if backends._triton_installed() else "torch")
+    monkeypatch.setattr(backends, "_triton_installed", lambda: False)
+    assert backends.auto_backend(on_cuda) == "torch"
+    for name in ("triton", "triton_chunked"):
+        with pytest.raises(ValueError, match=f"backend='{name}' needs the package triton"):
+            call(backend=name)
+    assert torch.isfinite(call(backend="auto"))  # on the CPU: torch, as before

@@ -8,6 +8,7 @@ use, so a missing optional dependency (Triton, a C++ toolchain) only matters whe
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Callable
 
 from torch import Tensor
@@ -36,10 +37,15 @@ def register_backend(name: str, module: str, function: str) -> None:
 
 
 def auto_backend(inputs: GISTInputs) -> str:
-    """The best backend for the inputs' device."""
-    if inputs.anchor.device.type == "cuda" and "triton" in _BACKENDS:
+    """The best backend for the inputs' device: the Triton kernels on CUDA where Triton is
+    installed (it is not on every platform torch's CUDA builds run on), else the tiled torch one."""
+    if inputs.anchor.device.type == "cuda" and "triton" in _BACKENDS and _triton_installed():
         return "triton"
     return "torch"
+
+
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def get_backend(name: str, inputs: GISTInputs) -> BackendFn:
@@ -49,4 +55,6 @@ def get_backend(name: str, inputs: GISTInputs) -> BackendFn:
     if name not in _BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {name!r}")
     module, function = _BACKENDS[name]
+    if module.startswith("gist_fast.backends.triton") and not _triton_installed():
+        raise ValueError(f"backend={name!r} needs the package triton (pip install triton), or use backend='torch'")
     return getattr(importlib.import_module(module), function)
