@@ -357,7 +357,7 @@ def test_peak_memory_is_linear_in_the_batch(backend):
 
 
 def test_chunk_shape_is_capped_by_the_inputs():
-    """The chunked plan's R x C matrix is capped by B and P (and C by the launch grid), and halved
+    """The chunked plan's R x C matrix is capped by B and P (and C at 1024 tiles), and halved
     (the larger side first) until it is at most 1/8 of the inputs' bytes (but never below 4 Mi
     entries or one tile)."""
     from types import SimpleNamespace
@@ -380,9 +380,9 @@ def test_chunk_shape_is_capped_by_the_inputs():
     big.B = big.P = 2**20
     big.a = big.p = torch.empty(2**20, 768, dtype=torch.bfloat16, device="meta")
     assert _chunk_shape(big, chunks) == (8192, 8192)
-    # Wide chunks stop where the tile kernel's grid (R / tile_m, C / tile_n) reaches CUDA's 65535.
+    # Wide chunks stop at 1024 tiles a row (the stats kernel holds a row's tiles at once).
     wide = SimpleNamespace(**(vars(big) | {"P": 2**23}))
-    assert _chunk_shape(wide, Chunks(rows=16, columns=2**23)) == (16, 65535 * 64)
+    assert _chunk_shape(wide, Chunks(rows=16, columns=2**23)) == (16, 1024 * 64)
     # Small inputs: never below 4 Mi entries.
     rows, cols = _chunk_shape(problem(4096, 64, 64), chunks)
     assert rows * cols == 4 << 20 and (rows, cols) == (2048, 2048)

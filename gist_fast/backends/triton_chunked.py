@@ -121,13 +121,15 @@ def _jacobian_(x: Tensor, norm: Tensor, v: Tensor) -> Tensor:
     return v.sub_(x_hat.mul_(proj)).div_(n)
 
 
-CUDA_MAX_GRID_Y = 65535  # a launch grid's second dimension
+# Tiles per chunk row at most: `chunk_stats_kernel` holds a row's tile statistics at once (and the
+# tile kernel's grid, (R / tile_m, C / tile_n), must stay within CUDA's 65535 in its second dimension).
+MAX_CHUNK_TILES = 1024
 
 
 def _chunk_shape(problem: _Problem, chunks: Chunks) -> tuple[int, int]:
     """(R, C): the configured chunk, capped by the problem and by 1/8 of the inputs' bytes."""
     rows, cols = min(chunks.rows, problem.B), min(chunks.columns, max(problem.B, problem.P))
-    cols = min(cols, CUDA_MAX_GRID_Y * chunks.tile_n)  # the tile kernel's grid is (R / tile_m, C / tile_n)
+    cols = min(cols, MAX_CHUNK_TILES * chunks.tile_n)
     inputs = (problem.a, problem.p, problem.n, problem.ga, problem.gp, problem.gn)
     input_bytes = sum(t.numel() * t.element_size() for t in inputs)
     cap = max(4 << 20, input_bytes // 8 // problem.a.element_size())
@@ -173,11 +175,12 @@ class _Launcher:
         """Pass 1's online-softmax step after a chunk of nr rows x nc columns: updates big, total
         (and ref), and with ref (gradients wanted) writes self.row_scale and self.alpha for the GEMM."""
         tiles = triton.cdiv(nc, self.chunks.tile_n)
-        block_r = 16
+        block_t = triton.next_power_of_2(self.tile_max.shape[1])  # <= MAX_CHUNK_TILES
+        block_r = max(1, 2048 // block_t)  # 2048 entries a program: 16 a thread, no spill
         CK.chunk_stats_kernel[(triton.cdiv(nr, block_r),)](
             self.tile_max, self.tile_sum, self.tile_exp, self.tile_max.stride(0),
             big, total, ref if ref is not None else big, self.row_scale, self.alpha, nr, tiles,
-            WITH_GRAD=ref is not None, BLOCK_R=block_r, BLOCK_T=triton.next_power_of_2(self.tile_max.shape[1]),
+            WITH_GRAD=ref is not None, BLOCK_R=block_r, BLOCK_T=block_t,
         )  # fmt: skip
 
     def tiles(self, blk: _Block, mode: int, r0: int, nr: int, c0: int, nc: int, lse: Tensor, target: Tensor,

@@ -135,7 +135,8 @@ def kernel_variants(
         ("chunk_gemm[pass1]", CK.scaled_gemm_kernel, gemm | pass1 | below_peak, gemm_opts),
         ("chunk_gemm[pass2]", CK.scaled_gemm_kernel, gemm | pass2 | below_peak, gemm_opts),
     ]
-    stats = {"BLOCK_R": 16, "BLOCK_T": triton.next_power_of_2(-(-chunks.columns // chunks.tile_n))}
+    block_t = triton.next_power_of_2(-(-chunks.columns // chunks.tile_n))
+    stats = {"BLOCK_R": max(1, 2048 // block_t), "BLOCK_T": block_t}  # as triton_chunked._Launcher.stats
     variants += [
         (f"chunk_stats[{name}]", CK.chunk_stats_kernel, stats | {"WITH_GRAD": grad}, {"num_warps": 4})
         for name, grad in (("grad", True), ("forward", False))
