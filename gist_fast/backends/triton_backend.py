@@ -197,28 +197,44 @@ class _Problem:
         )
 
 
-def _kernel_layout(t: Tensor) -> Tensor:
-    """`t` itself when its features are contiguous (any row stride), else a contiguous copy.
+# Feature dims and row strides the kernels get are multiples of this many elements: Triton
+# specialises an integer argument only on divisibility by 16, and only then can it load a row's
+# features with 16-byte vectors and pipeline them (cp.async); benchmarks/NOTES.md, v2a and v3d.
+ROW_ALIGN = 16
 
-    The kernels take the feature stride to be 1: Triton does not specialise a runtime stride of
-    1, and with an unknown stride every load is a scalar one that cannot be pipelined (cp.async);
-    benchmarks/NOTES.md, v2a."""
-    return t if t.shape[1] <= 1 or t.stride(1) == 1 else t.contiguous()
+
+def _kernel_layout(t: Tensor) -> Tensor:
+    """`t` itself when its features are contiguous and its feature dim and other strides are
+    multiples of ROW_ALIGN (every common embedding dim, stored contiguously), else a copy of width
+    d rounded up to ROW_ALIGN, zero-filled past d (zeros change no dot and no norm).
+
+    The kernels take the feature stride to be 1 (Triton does not specialise a runtime stride of 1,
+    and with an unknown stride every load is a scalar one); an odd d (769, say) would also leave
+    them scalar loads, through the row stride and the feature mask. The copy costs O(rows x d) once
+    per call; the gradients come back at the padded width, and `_split` cuts them to d."""
+    d = t.shape[-1]
+    aligned = d % ROW_ALIGN == 0 and t.stride(-1) == 1
+    if aligned and all(n <= 1 or s % ROW_ALIGN == 0 for n, s in zip(t.shape[:-1], t.stride()[:-1], strict=True)):
+        return t
+    padded = t.new_zeros((*t.shape[:-1], -(-d // ROW_ALIGN) * ROW_ALIGN))
+    padded[..., :d] = t
+    return padded
 
 
 def _prepare(student: tuple[Tensor, ...], guide: tuple[Tensor, ...], options: GISTOptions) -> _Problem:
     s_dtype, g_dtype = _common_dtype(student), _common_dtype(guide)
-    student = tuple(_kernel_layout(t.detach().to(s_dtype)) for t in student)
-    guide = tuple(_kernel_layout(t.detach().to(g_dtype)) for t in guide)
-    a, p, negs = student[0], student[1], student[2:]
-    ga, gp, gnegs = guide[0], guide[1], guide[2:]
+    student = tuple(t.detach().to(s_dtype) for t in student)
+    guide = tuple(t.detach().to(g_dtype) for t in guide)
+    a, p, ga, gp = (_kernel_layout(t) for t in (student[0], student[1], guide[0], guide[1]))
+    # The negatives stacked first (a view when they are one tensor already), then laid out once.
+    n, gn = _kernel_layout(_stack(student[2:], p)), _kernel_layout(_stack(guide[2:], gp))
     B, o = a.shape[0], options.offset
-    norms = _norms([a, p, *negs])
-    gnorms = _norms([ga, gp, *gnegs])
+    norms = _norms([a, p, *n.unbind(0)])
+    gnorms = _norms([ga, gp, *gn.unbind(0)])
     # t_i = ga_hat_i . gp_hat_{o+i}, divided like the kernel divides the guide tiles.
     g_own = gnorms[B + o : 2 * B + o].clamp_min(NORM_EPS)
     t = _row_dots(ga, gp[o : o + B]) / (gnorms[:B].clamp_min(NORM_EPS) * g_own)
-    return _Problem(a, p, _stack(negs, p), ga, gp, _stack(gnegs, gp), norms, gnorms, options.threshold(t), options)
+    return _Problem(a, p, n, ga, gp, gn, norms, gnorms, options.threshold(t), options)
 
 
 def _kernel_flags(problem: _Problem) -> dict:
@@ -303,9 +319,11 @@ def _row_weights(options: GISTOptions, B: int, device: torch.device) -> Tensor:
     return torch.full((B,), row_weight(options, B), device=device, dtype=torch.float32)
 
 
-def _split(grads: tuple[Tensor, Tensor, Tensor]) -> list[Tensor]:
+def _split(grads: tuple[Tensor, Tensor, Tensor], d: int) -> list[Tensor]:
+    """The gradients per student input, at the inputs' feature dim d (the kernels' may be padded)."""
     grad_a, grad_p, grad_n = grads
-    return [grad_a, grad_p, *grad_n.unbind(0)]
+    split = [grad_a, grad_p, *grad_n.unbind(0)]
+    return split if grad_a.shape[1] == d else [g[:, :d] for g in split]
 
 
 class _GISTTritonFunction(torch.autograd.Function):
@@ -328,7 +346,7 @@ class _GISTTritonFunction(torch.autograd.Function):
         ctx.deferred = needs_grad and not eager_grad
         # The gradients are kept on ctx, not saved: backward hands them over and drops its own
         # reference, so autograd can take them as .grad without a copy (no second B x d buffer).
-        ctx.grads = _split(grads) if eager_grad else None
+        ctx.grads = _split(grads, student[0].shape[1]) if eager_grad else None
         if ctx.deferred:
             ctx.save_for_backward(*tensors)
         return loss
@@ -344,7 +362,7 @@ class _GISTTritonFunction(torch.autograd.Function):
             problem = _prepare(tensors[: 2 + k], tensors[2 + k :], ctx.options)
             weight = grad_out.detach().to(torch.float32).contiguous()
             _, _, grads = _run_passes(problem, weight, True, ctx.blocks)
-            grads = _split(grads)
+            grads = _split(grads, tensors[0].shape[1])
         else:
             grads, ctx.grads = ctx.grads, None
             if grads is None:

@@ -34,7 +34,7 @@ from triton.backends.compiler import GPUTarget
 
 from . import triton_chunk_kernels as CK
 from . import triton_kernels as K
-from .triton_backend import GPU_BLOCKS, Blocks
+from .triton_backend import GPU_BLOCKS, ROW_ALIGN, Blocks
 from .triton_chunked import Chunks
 
 _STUDENT = {"a", "p", "n", "ga", "gp", "gn", "grad_a", "grad_p", "out", "x", "y", "gx", "gy", "w_out", "b"}
@@ -68,12 +68,14 @@ def _sample_ints(d: int, dg: int, chunks: Chunks, rows: int = 65536, negatives: 
     JIT specialises on); the chunked kernels' chunk is chunks.rows x chunks.columns."""
     chunk = chunks.columns
     tiles = -(-chunk // chunks.tile_n)
+    # Feature dims and row strides as the launcher lays the inputs out: padded to ROW_ALIGN (v3d).
+    sd, sg = (-(-x // ROW_ALIGN) * ROW_ALIGN for x in (d, dg))
     return {
-        "B": rows, "P": rows, "d": d, "dg": dg, "offset": 0, "num_neg": negatives,
-        "s_a": d, "s_p": d, "s_nm": rows * d, "s_n": d, "s_ga": dg, "s_gp": dg, "s_gnm": rows * dg, "s_gn": dg,
-        "n_rows": rows, "dim": d, "s_x": d, "s_y": d, "s_gx": dg, "s_gy": dg,
+        "B": rows, "P": rows, "d": sd, "dg": sg, "offset": 0, "num_neg": negatives,
+        "s_a": sd, "s_p": sd, "s_nm": rows * sd, "s_n": sd, "s_ga": sg, "s_gp": sg, "s_gnm": rows * sg, "s_gn": sg,
+        "n_rows": rows, "dim": sd, "s_x": sd, "s_y": sd, "s_gx": sg, "s_gy": sg,
         "x_shift": 0, "row0": 0, "col0": 0, "n_cols": chunk, "s_w": chunk, "s_t": tiles,
-        "s_out": d, "b_row0": 0, "s_b": d, "s_rs": tiles, "M": chunks.rows, "N": d, "K": chunk,
+        "s_out": sd, "b_row0": 0, "s_b": sd, "s_rs": tiles, "M": chunks.rows, "N": sd, "K": chunk,
         "nr": chunks.rows, "tiles": tiles,
     }  # fmt: skip
 
