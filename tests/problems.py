@@ -216,9 +216,18 @@ def assert_matches_oracle(loss_fn, problem: Problem, dtype: torch.dtype, **extra
     for name, g, e, t in zip(names, grads, expected_grads, problem.student, strict=True):
         assert g.dtype == dtype, f"grad of {name} has dtype {g.dtype}, expected {dtype}"
         assert g.shape == t.shape
-        # dx = (dx̂ - x̂(x̂·dx̂)) / ||x||: cancellation noise scales with |dx̂| / ||x||, and |dx̂| of a
-        # column sums up to B rows of weight/temperature (d = 1 makes the exact gradient 0: all noise).
-        inv_norm = 1.0 / t.norm(dim=1).min().item()
-        rows = 1 if problem.options.get("reduction", "mean") == "mean" else problem.student[0].shape[0]
-        floor = 5e-2 * logit_scale * weight * inv_norm * rows
+        floor = gradient_floor(problem, t, weight)
         assert_close_scaled(g, e, tol["grad"], f"grad {name} [{context}]", floor=floor)
+
+
+def gradient_floor(problem: Problem, student_input: Tensor, weight: float = 1.0) -> float:
+    """The gradient magnitude of `student_input` below which entries count as round-off.
+
+    dx = (dx̂ - x̂(x̂·dx̂)) / ||x||: cancellation noise scales with |dx̂| / ||x||, and |dx̂| of a
+    column sums up to B rows of weight/temperature (d = 1 makes the exact gradient 0: all noise).
+    A saturated softmax (temperature 0.01) likewise leaves gradients of 1e-48 exactly and about
+    eps * |logit| / temperature as computed: the backends form exp(z - lse) with z - lse in one product."""
+    logit_scale = 1.0 / problem.options.get("temperature", 0.01)
+    inv_norm = 1.0 / student_input.norm(dim=1).min().item()
+    rows = 1 if problem.options.get("reduction", "mean") == "mean" else problem.student[0].shape[0]
+    return 5e-2 * logit_scale * weight * inv_norm * rows
