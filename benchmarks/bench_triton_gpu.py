@@ -527,14 +527,41 @@ def plot(report: dict, path: Path) -> str | None:
             ax.set_xlabel("batch B")
             ax.set_ylabel(what)
             guide_dim = next(r["dg"] for r in report["rows"] if r["d"] == dim)
-            ax.set_title(f"d = {dim}, dg = {guide_dim}, bf16 (missing points: OOM or skipped, see table)")
+            ax.set_title(f"d = {dim}, dg = {guide_dim}, bf16")
             ax.grid(True, which="both", alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8)
-    fig.suptitle(f"GIST loss, {report['environment']['device']}")
+            else:
+                ax.text(0.5, 0.5, "not measured (needs CUDA)", ha="center", transform=ax.transAxes)
+    env = report["environment"]
+    fig.suptitle(
+        f"GIST loss forward + backward, {env['device']}, torch {env.get('torch', '?')}, "
+        f"triton {env.get('triton', '?')}\nmissing points: out of memory or skipped (see the table)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return None
+
+
+def replot(reports: list[Path], out: Path) -> int:
+    """Draw one PNG from the rows of earlier reports (a later report's row replaces an earlier one's
+    for the same method and shape), next to the first report unless `out` is a .png path."""
+    merged: dict = {}
+    rows: dict = {}
+    for path in reports:
+        try:
+            report = json.loads(path.read_text())
+            new_rows = report["rows"]
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"error: --plot-from {path}: not a benchmark report ({exc})", file=sys.stderr)
+            return 2
+        merged = merged or report
+        rows.update({(r["method"], r["B"], r["d"], r["dg"]): r for r in new_rows})
+    merged = {**merged, "rows": sorted(rows.values(), key=lambda r: (r["d"], r["method"], r["B"]))}
+    path = out if out.suffix == ".png" else reports[0].with_suffix(".png")
+    note = plot(merged, path)
+    print(note or f"[done] {path} ({len(rows)} rows from {len(reports)} reports)")
+    return 1 if note else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -551,7 +578,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tiles-from", type=Path, help="a previous run's JSON report: use its (tuned) tiles, skip the sweep"
     )
+    parser.add_argument(
+        "--plot-from", type=Path, nargs="+", metavar="JSON",
+        help="only draw the PNG from reports already measured (merged; e.g. on a machine with matplotlib)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.plot_from:
+        return replot(args.plot_from, args.out)
     start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.smoke:

@@ -14,6 +14,9 @@
 #   python3 benchmarks/bench_triton_gpu.py --out "$OUT" --dims 768 --batches 1048576 \
 #       --methods triton triton-chunked --tiles-from benchmarks/results/<first call's JSON> --tag b1048576 \
 #       --budget-s 560
+# Back on the CPU machine (the GPU image may lack matplotlib), one plot from both calls' reports:
+#   .venv/bin/python benchmarks/bench_triton_gpu.py --plot-from benchmarks/results/<first>.json \
+#       benchmarks/results/<second>.json
 set -o pipefail
 out=${1:-benchmarks/results}
 shift || true

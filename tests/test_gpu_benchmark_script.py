@@ -37,3 +37,17 @@ def test_gpu_benchmark_smoke_run_reports_every_stage(tmp_path):
     assert measured == {(b, m) for b in (16, 40) for m in methods}
     assert "## Time and memory" in (tmp_path / "triton_gpu_smoke.md").read_text()
     assert not list(tmp_path.glob("*.tmp"))
+    assert (tmp_path / "triton_gpu_smoke.png").stat().st_size > 10_000  # the time and memory plot
+
+    # --plot-from redraws from reports (the GPU image may lack matplotlib): a second call's rows merge in.
+    later = dict(report, rows=[dict(r, B=r["B"] * 64) for r in report["rows"] if r["method"] == "triton"])
+    (tmp_path / "later.json").write_text(json.dumps(later))
+    merged_png = tmp_path / "merged.png"
+    first, second = tmp_path / "triton_gpu_smoke.json", tmp_path / "later.json"
+    replot = [sys.executable, str(script), "--plot-from", str(first), str(second)]
+    proc = subprocess.run([*replot, "--out", str(merged_png)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and merged_png.stat().st_size > 10_000, proc.stderr[-2000:]
+    assert f"({len(report['rows']) + 2} rows from 2 reports)" in proc.stdout  # B = 16, 40 -> 1024, 2560
+    (tmp_path / "broken.json").write_text('{"rows": [')
+    proc = subprocess.run([*replot[:3], str(tmp_path / "broken.json")], env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and "broken.json: not a benchmark report" in proc.stderr
