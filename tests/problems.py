@@ -220,8 +220,10 @@ def assert_matches_oracle(loss_fn, problem: Problem, dtype: torch.dtype, **extra
         assert_close_scaled(g, e, tol["grad"], f"grad {name} [{context}]", floor=floor)
 
 
-def gradient_floor(problem: Problem, student_input: Tensor, weight: float = 1.0) -> float:
+def gradient_floor(problem: Problem, student_input: Tensor, weight: float = 1.0, rows: int | None = None) -> float:
     """The gradient magnitude of `student_input` below which entries count as round-off.
+
+    `rows`: how many rows' weighted losses a column's gradient sums (default: 1 for a mean, B else).
 
     dx = (dx̂ - x̂(x̂·dx̂)) / ||x||: cancellation noise scales with |dx̂| / ||x||, and |dx̂| of a
     column sums up to B rows of weight/temperature (d = 1 makes the exact gradient 0: all noise).
@@ -229,5 +231,6 @@ def gradient_floor(problem: Problem, student_input: Tensor, weight: float = 1.0)
     eps * |logit| / temperature as computed: the backends form exp(z - lse) with z - lse in one product."""
     logit_scale = 1.0 / problem.options.get("temperature", 0.01)
     inv_norm = 1.0 / student_input.norm(dim=1).min().item()
-    rows = 1 if problem.options.get("reduction", "mean") == "mean" else problem.student[0].shape[0]
+    if rows is None:
+        rows = 1 if problem.options.get("reduction", "mean") == "mean" else problem.student[0].shape[0]
     return 5e-2 * logit_scale * weight * inv_norm * rows
