@@ -280,7 +280,7 @@ from sentence_transformers import SentenceTransformerTrainer, SentenceTransforme
 
 def train(model, guide, texts, output_dir):
     dataset = Dataset.from_dict({{"anchor": texts[0], "positive": texts[1], "negative": texts[2]}})
-    loss = GISTEmbedLoss(model, guide, margin=0.05)
+    loss = GISTEmbedLoss(model, guide, margin=0.05, temperature=0.1)
     args = SentenceTransformerTrainingArguments(
         output_dir=output_dir, max_steps=2, per_device_train_batch_size=6, learning_rate=0.05, optim="sgd",
         warmup_steps=0, lr_scheduler_type="constant", save_strategy="no", report_to="none", logging_steps=1,
@@ -309,7 +309,9 @@ def test_trainer_runs_after_changing_one_import(models, tmp_path):
         after = {n: p.detach().clone() for n, p in model.named_parameters()}
         results[name] = (losses, after)
     assert len(results["ours"][0]) == 2
-    torch.testing.assert_close(results["ours"][0], results["theirs"][0], rtol=1e-6, atol=0)
+    # Temperature 0.1 keeps the losses near 0.3-0.6: at the default 0.01 this model saturates on
+    # these texts (losses down to 1e-9, parameters moving by 1e-7). atol as in assert_same.
+    torch.testing.assert_close(results["ours"][0], results["theirs"][0], rtol=1e-6, atol=1e-11)
     moved = max((after - before[n]).abs().max().item() for n, after in results["ours"][1].items())
     assert moved > 1e-6, "training did not change the parameters"
     for name, expected in results["theirs"][1].items():
