@@ -203,6 +203,11 @@ class _Problem:
 ROW_ALIGN = 16
 
 
+def padded_width(d: int) -> int:
+    """d rounded up to a multiple of ROW_ALIGN: the feature width the kernels run at."""
+    return -(-d // ROW_ALIGN) * ROW_ALIGN
+
+
 def _kernel_layout(t: Tensor) -> Tensor:
     """`t` itself when its features are contiguous and its feature dim and other strides are
     multiples of ROW_ALIGN (every common embedding dim, stored contiguously), else a copy of width
@@ -216,7 +221,7 @@ def _kernel_layout(t: Tensor) -> Tensor:
     aligned = d % ROW_ALIGN == 0 and t.stride(-1) == 1
     if aligned and all(n <= 1 or s % ROW_ALIGN == 0 for n, s in zip(t.shape[:-1], t.stride()[:-1], strict=True)):
         return t
-    padded = t.new_zeros((*t.shape[:-1], -(-d // ROW_ALIGN) * ROW_ALIGN))
+    padded = t.new_zeros((*t.shape[:-1], padded_width(d)))
     padded[..., :d] = t
     return padded
 

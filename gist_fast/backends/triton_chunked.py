@@ -126,6 +126,13 @@ def _jacobian_(x: Tensor, norm: Tensor, v: Tensor) -> Tensor:
 MAX_CHUNK_TILES = 1024
 
 
+def stats_blocks(tiles_per_row: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_T) of `chunk_stats_kernel` for chunk rows of `tiles_per_row` tiles (at most
+    MAX_CHUNK_TILES): a row's tiles in one block, 2048 entries a program (16 a thread, no spill)."""
+    block_t = triton.next_power_of_2(tiles_per_row)
+    return max(1, 2048 // block_t), block_t
+
+
 def _chunk_shape(problem: _Problem, chunks: Chunks) -> tuple[int, int]:
     """(R, C): the configured chunk, capped by the problem and by 1/8 of the inputs' bytes."""
     rows, cols = min(chunks.rows, problem.B), min(chunks.columns, max(problem.B, problem.P))
@@ -175,8 +182,7 @@ class _Launcher:
         """Pass 1's online-softmax step after a chunk of nr rows x nc columns: updates big, total
         (and ref), and with ref (gradients wanted) writes self.row_scale and self.alpha for the GEMM."""
         tiles = triton.cdiv(nc, self.chunks.tile_n)
-        block_t = triton.next_power_of_2(self.tile_max.shape[1])  # <= MAX_CHUNK_TILES
-        block_r = max(1, 2048 // block_t)  # 2048 entries a program: 16 a thread, no spill
+        block_r, block_t = stats_blocks(self.tile_max.shape[1])
         CK.chunk_stats_kernel[(triton.cdiv(nr, block_r),)](
             self.tile_max, self.tile_sum, self.tile_exp, self.tile_max.stride(0),
             big, total, ref if ref is not None else big, self.row_scale, self.alpha, nr, tiles,

@@ -34,8 +34,8 @@ from triton.backends.compiler import GPUTarget
 
 from . import triton_chunk_kernels as CK
 from . import triton_kernels as K
-from .triton_backend import GPU_BLOCKS, ROW_ALIGN, Blocks
-from .triton_chunked import Chunks
+from .triton_backend import GPU_BLOCKS, Blocks, padded_width
+from .triton_chunked import Chunks, stats_blocks
 
 _STUDENT = {"a", "p", "n", "ga", "gp", "gn", "grad_a", "grad_p", "out", "x", "y", "gx", "gy", "w_out", "b"}
 _FP32_PTRS = {
@@ -69,7 +69,7 @@ def _sample_ints(d: int, dg: int, chunks: Chunks, rows: int = 65536, negatives: 
     chunk = chunks.columns
     tiles = -(-chunk // chunks.tile_n)
     # Feature dims and row strides as the launcher lays the inputs out: padded to ROW_ALIGN (v3d).
-    sd, sg = (-(-x // ROW_ALIGN) * ROW_ALIGN for x in (d, dg))
+    sd, sg = padded_width(d), padded_width(dg)
     return {
         "B": rows, "P": rows, "d": sd, "dg": sg, "offset": 0, "num_neg": negatives,
         "s_a": sd, "s_p": sd, "s_nm": rows * sd, "s_n": sd, "s_ga": sg, "s_gp": sg, "s_gnm": rows * sg, "s_gn": sg,
@@ -137,8 +137,8 @@ def kernel_variants(
         ("chunk_gemm[pass1]", CK.scaled_gemm_kernel, gemm | pass1 | below_peak, gemm_opts),
         ("chunk_gemm[pass2]", CK.scaled_gemm_kernel, gemm | pass2 | below_peak, gemm_opts),
     ]
-    block_t = triton.next_power_of_2(-(-chunks.columns // chunks.tile_n))
-    stats = {"BLOCK_R": max(1, 2048 // block_t), "BLOCK_T": block_t}  # as triton_chunked._Launcher.stats
+    block_r, block_t = stats_blocks(-(-chunks.columns // chunks.tile_n))
+    stats = {"BLOCK_R": block_r, "BLOCK_T": block_t}
     variants += [
         (f"chunk_stats[{name}]", CK.chunk_stats_kernel, stats | {"WITH_GRAD": grad}, {"num_warps": 4})
         for name, grad in (("grad", True), ("forward", False))
