@@ -60,6 +60,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drop-last", action="store_true", default=None, help="drop each epoch's short last batch")
     p.add_argument("--gradient-checkpointing", action="store_true", default=None)
     p.add_argument("--resume", action="store_true", default=None, help="continue from OUTPUT's latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace the run already in OUTPUT")
     p.add_argument("--eval-guide", action="store_true", default=None, help="also score the guide on --eval-data")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no tqdm bars")
 
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             return _train(args)
         return _eval(args)
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except (ValueError, OSError, ImportError) as e:  # OSError: a file that cannot be written (names it)
         print(f"gist-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -36,6 +36,7 @@ class TrainConfig:
     Machinery: device ("auto": CUDA when available), threads (torch CPU threads; None: its default),
         bf16 ("auto": on CUDA), gradient_checkpointing,
         save_steps (checkpoint every N steps; 0: only on interrupt), save_total_limit, resume,
+        overwrite (replace an earlier run in ``output``),
         cache_dir (None: ``output/cache``), eval_batch_size, guide_batch_size, eval_guide (also
         score the guide), progress (tqdm bars).
     """
@@ -79,6 +80,7 @@ class TrainConfig:
     save_steps: int = 50
     save_total_limit: int = 2
     resume: bool = False
+    overwrite: bool = False
     cache_dir: str | None = None
     eval_batch_size: int = 64
     guide_batch_size: int = 64

@@ -389,6 +389,9 @@ def _load_from_path(source: str, max_seq_length: int | None) -> Encoder:
                 seq_cfg = _read_json(model_dir / name)
     if not (model_dir / "config.json").exists():
         raise FileNotFoundError(f"{model_dir} has no config.json: not a transformers model directory")
+    from .checkpoint import check_model_directory
+
+    check_model_directory(root, model_dir)  # not half-saved, matches its checksums, has its tokenizer
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModel.from_pretrained(model_dir)
     limit = max_seq_length or seq_cfg.get("max_seq_length") or min(getattr(tokenizer, "model_max_length", 512), 512)

@@ -4,16 +4,18 @@ The guide is frozen, so a training step never needs to run it: :func:`load_or_co
 embeds each distinct text of the data once (no grad, batched, bf16 on GPU), writes the table under a
 key made of the guide's identity, the token limit, the compute dtype and the data's fingerprint, and
 later runs with the same key read it back. Work is written in shards as it goes (each shard
-atomically), so an interrupted computation resumes where it stopped.
+atomically), so an interrupted computation resumes where it stopped. Each file stores the SHA-256 of
+its embeddings; a file that does not match (or holds NaN / Inf) is recomputed with a warning naming it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +24,9 @@ from torch import Tensor
 
 from .data import PairData
 from .encoders import Encoder
+from .files import CorruptFileError, atomic_write_bytes, make_directory, remove_stale_temporaries
+
+log = logging.getLogger("gist_fast.training")
 
 SHARD_TEXTS = 8192
 
@@ -42,9 +47,23 @@ class GuideTable:
     key: str
 
     def batch(self, rows: Tensor | list[int], device: torch.device | str = "cpu") -> list[Tensor]:
-        """Guide embeddings of data rows ``rows``, one (len(rows), dg) tensor per column."""
+        """Guide embeddings of data rows ``rows``, one (len(rows), dg) tensor per column.
+
+        For a CUDA ``device`` the rows are gathered into pinned host memory and copied without
+        blocking the host.
+        """
         rows = torch.as_tensor(rows, dtype=torch.long)
-        return [self.table[col[rows]].to(device, non_blocking=True) for col in self.column_rows]
+        device = torch.device(device)
+        pin = device.type == "cuda" and self.table.device.type == "cpu"
+        out = []
+        for col in self.column_rows:
+            picked = col[rows]
+            if pin:
+                host = torch.empty((len(picked), self.table.shape[1]), dtype=self.table.dtype, pin_memory=True)
+                out.append(torch.index_select(self.table, 0, picked, out=host).to(device, non_blocking=True))
+            else:
+                out.append(self.table[picked].to(device))
+        return out
 
 
 def cache_key(guide: Encoder, data: PairData, max_length: int, dtype: torch.dtype | None) -> str:
@@ -54,18 +73,42 @@ def cache_key(guide: Encoder, data: PairData, max_length: int, dtype: torch.dtyp
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same directory, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    """``torch.save`` to a temporary file in the same directory, then rename over ``path``.
+
+    Raises:
+        WriteError naming ``path`` (disk full, read-only directory); no temporary is left.
+    """
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def tensor_checksum(t: Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and bytes (stored with each cache file, checked on read)."""
+    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _read_checked(path: Path, rows: int, key: str | None) -> Tensor:
+    """The embeddings in cache file ``path``; raises CorruptFileError naming it when they are not
+    exactly what was written (checksum), have the wrong rows or key, or hold NaN / Inf."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        stored = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only
+    except Exception as e:  # noqa: BLE001 - any failure to parse is a damaged file
+        raise CorruptFileError(path, f"unreadable ({type(e).__name__})") from None
+    if not isinstance(stored, dict) or not isinstance(stored.get("table"), Tensor):
+        raise CorruptFileError(path, "not a gist-fast guide cache file")
+    table = stored["table"]
+    if stored.get("sha256") != tensor_checksum(table):
+        raise CorruptFileError(path, "checksum mismatch (the file is corrupted or was changed)")
+    if key is not None and stored.get("key") != key:
+        raise CorruptFileError(path, f"stored under key {stored.get('key')!r}, not {key!r}")
+    if table.ndim != 2 or table.shape[0] != rows:
+        raise CorruptFileError(path, f"{tuple(table.shape)} embeddings, expected {rows} rows")
+    if not torch.isfinite(table).all():
+        raise CorruptFileError(path, "contains NaN or Inf")
+    return table
 
 
 def load_or_compute_guide(
@@ -104,15 +147,15 @@ def load_or_compute_guide(
     texts = data.unique_texts()
     position = {t: i for i, t in enumerate(texts)}
     column_rows = [torch.tensor([position[t] for t in col], dtype=torch.long) for col in data.columns()]
+    make_directory(cache_dir)
+    remove_stale_temporaries(cache_dir)  # left by a killed run (only ours, only of dead processes)
     if final.exists():
         try:
-            stored = torch.load(final, map_location="cpu", weights_only=True)
-            if stored["key"] == key and stored["table"].shape[0] == len(texts):
-                return GuideTable(stored["table"], column_rows, key)
-        except Exception:  # noqa: BLE001 - a damaged cache file is recomputed, not fatal
-            pass
-    shard_dir = cache_dir / f"guide-{key}.shards"
-    shard_dir.mkdir(parents=True, exist_ok=True)
+            return GuideTable(_read_checked(final, len(texts), key), column_rows, key)
+        except CorruptFileError as e:
+            log.warning("guide cache %s is damaged (%s); recomputing it", final, e)
+    shard_dir = make_directory(cache_dir / f"guide-{key}.shards")
+    remove_stale_temporaries(shard_dir)
     store_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
     parts: list[Tensor] = []
     from tqdm.auto import tqdm
@@ -124,24 +167,24 @@ def load_or_compute_guide(
             emb = None
             if shard.exists():
                 try:
-                    emb = torch.load(shard, map_location="cpu", weights_only=True)
-                    if emb.shape[0] != len(chunk):
-                        emb = None
-                except Exception:  # noqa: BLE001
-                    emb = None
+                    emb = _read_checked(shard, len(chunk), key)
+                except CorruptFileError as e:
+                    log.warning("guide cache shard %s is damaged (%s); recomputing it", shard, e)
             if emb is None:
-                emb = torch.empty(0)
-                pieces = []
-                for s in range(0, len(chunk), batch_size * 8):
-                    sub = chunk[s : s + batch_size * 8]
-                    pieces.append(guide.encode(sub, batch_size=batch_size, max_length=max_length, dtype=dtype))
-                    bar.update(len(sub))
-                emb = torch.cat(pieces).to(store_dtype)
-                atomic_torch_save(emb, shard)
+                # the whole shard in one call: sorted by token length across it, one copy back to the host
+                emb = guide.encode(chunk, batch_size=batch_size, max_length=max_length, dtype=dtype).to(store_dtype)
+                bar.update(len(chunk))
+                bad = (~torch.isfinite(emb).all(dim=1)).nonzero().flatten()
+                if len(bad):
+                    raise ValueError(
+                        f"the guide {guide.name or type(guide.model).__name__} gave NaN or Inf embeddings for "
+                        f"{len(bad)} text(s), the first: {chunk[int(bad[0])][:80]!r}"
+                    )
+                atomic_torch_save({"key": key, "table": emb, "sha256": tensor_checksum(emb)}, shard)
             else:
                 bar.update(len(chunk))
             parts.append(emb)
     table = torch.cat(parts) if parts else torch.empty(0, guide.dim, dtype=store_dtype)
-    atomic_torch_save({"key": key, "table": table, "max_length": max_length}, final)
+    atomic_torch_save({"key": key, "table": table, "max_length": max_length, "sha256": tensor_checksum(table)}, final)
     shutil.rmtree(shard_dir, ignore_errors=True)
     return GuideTable(table, column_rows, key)

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import signal
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,13 +14,15 @@ from typing import Any
 import torch
 
 from . import distributed as dtrain
-from .checkpoint import latest_checkpoint, load_state, prune_checkpoints, save_checkpoint
+from .checkpoint import latest_checkpoint, load_state, prune_checkpoints, save_checkpoint, save_final_model
 from .config import TrainConfig
 from .data import BatchSchedule, NoDuplicatesBatches, PairData, load_pairs
 from .encoders import Encoder, enable_checkpointing, load_encoder
 from .evaluation import evaluate, format_metrics
+from .files import WriteError, atomic_write_text
 from .gradcache import LossOptions, NonFiniteLossError, gradcache_step
 from .guide_cache import load_or_compute_guide
+from .rundir import RunLock, prepare_run_directory
 
 
 class TrainingInterrupted(Exception):
@@ -68,7 +69,10 @@ class MetricsLog:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._f = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        try:
+            self._f = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        except OSError as e:
+            raise WriteError(path, e) from None
 
     def write(self, **record: Any) -> None:
         record.setdefault("time", round(time.time(), 3))
@@ -178,9 +182,22 @@ class Trainer:
             NonFiniteLossError: a NaN or Inf loss or gradient; the model is not updated by that step
                 and the checkpoints on disk are kept.
             TrainingInterrupted: Ctrl-C; a checkpoint of the last finished step was written first.
+            ValueError: ``output`` holds an earlier run and neither ``resume`` nor ``overwrite`` is
+                set, or another run holds its lock (:class:`~gist_fast.training.rundir.RunDirectoryBusy`).
+            WriteError: a file could not be written (disk full, read-only directory); it names the file.
         """
+        # one run at a time per output directory (rank 0 writes every file; the lock is its)
+        lock = RunLock(self.output) if self.dist.is_main else None
+        try:
+            if lock is not None:
+                prepare_run_directory(self.output, resume=self.config.resume, overwrite=self.config.overwrite)
+            return self._train()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _train(self) -> dict[str, Any]:
         cfg = self.config
-        self.output.mkdir(parents=True, exist_ok=True)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         elif self.device.type == "cpu" and hasattr(os, "getloadavg") and os.getloadavg()[0] >= (os.cpu_count() or 1):
@@ -200,7 +217,9 @@ class Trainer:
         held = self._load_data(eval_src, "eval") if eval_src is not None else None
         self._say(f"train: {len(train)} pairs, {len(train.negatives)} negative column(s) from {train.source}")
 
-        resume_from = dtrain.broadcast_object(info, latest_checkpoint(self.output) if cfg.resume else None)
+        # the newest checkpoint whose files match their checksums (a damaged one is skipped, with a warning)
+        found = latest_checkpoint(self.output) if cfg.resume and info.is_main else None
+        resume_from = dtrain.broadcast_object(info, found)
         if cfg.resume and resume_from is None:
             self._say(f"--resume: no checkpoint under {self.output / 'checkpoints'}; starting from scratch")
         student = load_encoder(
@@ -239,7 +258,7 @@ class Trainer:
                 torch.cuda.empty_cache()
             self._loop(student, train, table, log, resume_from)
             if info.is_main:
-                student.save(self.output)
+                save_final_model(student, self.output)  # atomic, with a checksum manifest
             self._say(f"final model saved in {self.output}")
             if held is not None and info.is_main:
                 self.results["after"] = self._evaluate(student, held, log, "after")
@@ -252,7 +271,7 @@ class Trainer:
             log.close()
         self.results["output"] = str(self.output)
         if info.is_main:
-            _atomic_write_text(self.output / "results.json", json.dumps(self.results, indent=2) + "\n")
+            atomic_write_text(self.output / "results.json", json.dumps(self.results, indent=2) + "\n")
         return self.results
 
     def _evaluate(self, encoder: Encoder, held: PairData, log: MetricsLog, when: str) -> dict:
@@ -302,7 +321,7 @@ class Trainer:
         )
         student.train()
         columns = train.columns()
-        last_ckpt = latest_checkpoint(self.output)
+        last_ckpt = resume_from
         previous = signal.getsignal(signal.SIGINT)
         self._stop_requested = False
 
@@ -414,13 +433,6 @@ def _is_main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 __all__ = ["Trainer", "TrainingInterrupted", "NonFiniteLossError", "linear_schedule"]
