@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .extras import require
+from .tokens import to_device, tokenize_pool
 
 POOLING_MODES = ("mean", "cls", "lasttoken", "max")
 
@@ -118,7 +119,8 @@ class Encoder(nn.Module):
 
     def forward(self, features: dict[str, Tensor]) -> Tensor:
         """Embed tokenized texts: (n, seq) features -> (n, d) embeddings (with grad if enabled)."""
-        features = {k: v.to(self.device) for k, v in features.items()}
+        device = self.device
+        features = {k: to_device(v, device) for k, v in features.items()}  # async from pinned memory on CUDA
         hidden = self.model(**features, return_dict=True).last_hidden_state
         emb = pool(hidden, features["attention_mask"], self.pooling)
         if self.normalize:
@@ -135,7 +137,12 @@ class Encoder(nn.Module):
         dtype: torch.dtype | None = None,
         progress: bool | str = False,
     ) -> Tensor:
-        """Embed ``texts`` without grad, in batches sorted by length; returns (n, d) float32 on the CPU.
+        """Embed ``texts`` without grad, in batches sorted by token length; returns (n, d) float32 on the CPU.
+
+        The texts are tokenized once, ordered longest first and cut into batches of ``batch_size``
+        (as the training mini-batches are), so each batch pads to similar lengths. On CUDA the
+        padded batches go over from pinned memory without blocking and the embeddings stay on the
+        device until one copy back at the end: no host synchronisation per batch.
 
         Args:
             texts: the raw strings.
@@ -146,22 +153,25 @@ class Encoder(nn.Module):
         """
         from tqdm.auto import tqdm
 
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+        if len(texts) == 0:
+            return torch.empty(0, self.dim, dtype=torch.float32)
         was_training = self.training
         self.eval()
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
-        out = torch.empty(len(texts), self.dim, dtype=torch.float32)
-        starts = range(0, len(texts), batch_size)
+        device = self.device
+        pool = tokenize_pool(self, list(texts), batch_size, max_length=max_length)
+        chunk_rows = to_device(torch.cat(pool.chunks), device).split([len(c) for c in pool.chunks])
+        out = torch.empty(len(texts), self.dim, dtype=torch.float32, device=device)
         desc = progress if isinstance(progress, str) else "encode"
         try:
-            for s in tqdm(starts, desc=desc, disable=not progress, unit="batch"):
-                idx = order[s : s + batch_size]
-                feats = self.tokenize([texts[i] for i in idx], max_length)
-                with autocast(self.device, dtype):
-                    emb = self(feats)
-                out[torch.tensor(idx)] = emb.float().cpu()
+            for c, rows in enumerate(tqdm(chunk_rows, desc=desc, disable=not progress, unit="batch")):
+                with autocast(device, dtype):
+                    emb = self(pool.features(c, pin_memory=device.type == "cuda"))
+                out.index_copy_(0, rows, emb.float())
         finally:
             self.train(was_training)
-        return out
+        return out.cpu()
 
     def identity(self) -> str:
         """A string that changes whenever the embeddings this encoder produces could change.

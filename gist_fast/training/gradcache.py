@@ -14,16 +14,18 @@ each mini-batch pads to similar lengths; the loss does not depend on that groupi
 from __future__ import annotations
 
 import contextlib
+import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from .. import gist_loss
 from .distributed import global_anchor_block
 from .encoders import Encoder, autocast
+from .tokens import TokenizedPool, to_device, tokenize_pool  # noqa: F401 - TokenizedPool: re-exported
 
 
 class NonFiniteLossError(RuntimeError):
@@ -77,50 +79,44 @@ class RandContext:
         self._fork = None
 
 
-@dataclass
-class TokenizedPool:
-    """The batch's texts tokenized once (unpadded) and grouped into length-sorted mini-batches."""
+class StepPhases:
+    """Times of a GradCache step's phases: tokenize, encode (no grad), loss, reencode (with grad).
 
-    input_ids: list[list[int]]
-    extra: dict[str, list[list[int]]]
-    chunks: list[Tensor]
-    pad_id: int
-    padding_side: str = "right"
+    On CUDA the boundaries are CUDA events recorded on the stream (no host synchronisation), read
+    with :meth:`seconds` once the step has finished; elsewhere they are host clock readings.
 
-    def features(self, c: int) -> dict[str, Tensor]:
-        """Padded features of mini-batch ``c``."""
-        idx = self.chunks[c].tolist()
-        width = max(len(self.input_ids[i]) for i in idx)
+    Example:
+        >>> phases = StepPhases(torch.device("cpu"))
+        >>> loss = gradcache_step(student, cols, guide_cols, mini_batch_size=32, phases=phases)  # doctest: +SKIP
+        >>> phases.seconds()  # doctest: +SKIP
+        {'tokenize': 0.01, 'encode': 0.4, 'loss': 0.02, 'reencode': 1.1}
+    """
 
-        def pad(rows: list[list[int]], value: int) -> Tensor:
-            out = np.full((len(rows), width), value, dtype=np.int64)
-            for r, row in enumerate(rows):
-                if self.padding_side == "left":
-                    out[r, width - len(row) :] = row
-                else:
-                    out[r, : len(row)] = row
-            return torch.from_numpy(out)
+    NAMES = ("tokenize", "encode", "loss", "reencode")
 
-        ids = [self.input_ids[i] for i in idx]
-        feats = {"input_ids": pad(ids, self.pad_id), "attention_mask": pad([[1] * len(r) for r in ids], 0)}
-        for name, rows in self.extra.items():
-            feats[name] = pad([rows[i] for i in idx], 0)
-        return feats
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._marks: list[Any] = []
 
+    def mark(self) -> None:
+        """Record a phase boundary (the first call: the step's start)."""
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self._marks.append(event)
+        else:
+            self._marks.append(time.perf_counter())
 
-def tokenize_pool(
-    encoder: Encoder, texts: list[str], mini_batch_size: int, sort_by_length: bool = True
-) -> TokenizedPool:
-    """Tokenize ``texts`` once without padding and cut them into mini-batches (longest first)."""
-    tok = encoder.tokenizer
-    enc = tok(texts, truncation=True, max_length=encoder.max_seq_length, padding=False)
-    input_ids = enc["input_ids"]
-    extra = {k: enc[k] for k in ("token_type_ids",) if k in enc}
-    lengths = torch.tensor([len(x) for x in input_ids])
-    order = torch.argsort(lengths, descending=True, stable=True) if sort_by_length else torch.arange(len(texts))
-    chunks = list(order.split(mini_batch_size))
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    return TokenizedPool(input_ids, extra, chunks, pad_id, getattr(tok, "padding_side", "right"))
+    def seconds(self) -> dict[str, float]:
+        """Seconds per phase; waits for the last boundary on CUDA. Empty unless every boundary was marked."""
+        if len(self._marks) != len(self.NAMES) + 1:
+            return {}
+        if self.cuda:
+            self._marks[-1].synchronize()
+            spans = [a.elapsed_time(b) / 1000 for a, b in zip(self._marks[:-1], self._marks[1:], strict=True)]
+        else:
+            spans = [b - a for a, b in zip(self._marks[:-1], self._marks[1:], strict=True)]
+        return {name: round(s, 6) for name, s in zip(self.NAMES, spans, strict=True)}
 
 
 def gradcache_step(
@@ -132,6 +128,7 @@ def gradcache_step(
     loss_options: LossOptions | None = None,
     autocast_dtype: torch.dtype | None = None,
     sort_by_length: bool = True,
+    phases: StepPhases | None = None,
 ) -> Tensor:
     """Run one GradCache forward/backward: parameter ``.grad`` of ``encoder`` is accumulated.
 
@@ -143,9 +140,12 @@ def gradcache_step(
         loss_options: forwarded to :func:`gist_fast.gist_loss`.
         autocast_dtype: e.g. ``torch.bfloat16`` on CUDA; None runs in the weights' dtype.
         sort_by_length: group texts of similar token length into mini-batches (less padding).
+        phases: a :class:`StepPhases` to time the step's phases (read it after the step).
 
     Returns:
-        The loss (a detached scalar).
+        The loss, a detached scalar on the CPU. Its value is read from the device once, for the
+        finiteness check between the loss and the re-encoding; nothing else in the step waits for
+        the device (no per-mini-batch reads: indices and features go over asynchronously).
 
     Raises:
         NonFiniteLossError when the loss is NaN or Inf (before any gradient reaches the encoder).
@@ -163,20 +163,29 @@ def gradcache_step(
             f"columns and {len(guide_columns)} guide tensors"
         )
     opts = (loss_options or LossOptions()).kwargs()
+    mark = phases.mark if phases is not None else (lambda: None)
+    mark()
     batch = len(columns[0])
     texts = [t for col in columns for t in col]
     pool = tokenize_pool(encoder, texts, mini_batch_size, sort_by_length)
     device = encoder.device
+    on_cuda = device.type == "cuda"
+    # every mini-batch's row indices go to the device in one copy; features are padded once (pinned
+    # on CUDA) and used by both passes
+    sizes = [len(c) for c in pool.chunks]
+    chunk_rows = to_device(torch.cat(pool.chunks), device).split(sizes)
+    features = [pool.features(c, pin_memory=on_cuda) for c in range(len(pool.chunks))]
+    mark()
 
     # (1) embeddings of every text, no grad, RNG state saved per mini-batch
     reps = torch.empty(len(texts), encoder.dim, dtype=torch.float32, device=device)
     states: list[RandContext] = []
-    features = [pool.features(c) for c in range(len(pool.chunks))]  # padded once, used by both passes
     with torch.no_grad():
-        for idx, feats in zip(pool.chunks, features, strict=True):
+        for rows, feats in zip(chunk_rows, features, strict=True):
             states.append(RandContext(device))
             with autocast(device, autocast_dtype):
-                reps[idx.to(device)] = encoder(feats).float()
+                reps.index_copy_(0, rows, encoder(feats).float())
+    mark()
 
     # (2) the loss on the whole batch and its gradient with respect to the embeddings
     reps.requires_grad_(True)
@@ -186,13 +195,16 @@ def gradcache_step(
     # under torch.distributed: anchors contrasted with every rank's anchors (the global batch's loss)
     negatives, guide_neg, opts = global_anchor_block(cols[0], guide_columns[0], negatives, guide_neg, opts)
     loss = gist_loss(cols[0], cols[1], guide_columns[0], guide_columns[1], negatives, guide_neg, **opts)
-    if not torch.isfinite(loss):
-        raise NonFiniteLossError(f"the loss is {loss.item()}")
+    value = loss.item()  # the step's one read of the loss: a NaN must stop it before any backward
+    if not math.isfinite(value):
+        raise NonFiniteLossError(f"the loss is {value}")
     (grad,) = torch.autograd.grad(loss, reps)
+    mark()
 
     # (3) re-encode with grad, replaying the RNG state, and push the cached gradients through
-    for idx, feats, state in zip(pool.chunks, features, states, strict=True):
+    for rows, feats, state in zip(chunk_rows, features, states, strict=True):
         with state, autocast(device, autocast_dtype):
             emb = encoder(feats)
-        emb.float().backward(grad[idx.to(device)])
-    return loss.detach()
+        emb.float().backward(grad.index_select(0, rows))
+    mark()
+    return torch.tensor(value, dtype=loss.dtype)

@@ -20,7 +20,7 @@ from .data import BatchSchedule, NoDuplicatesBatches, PairData, load_pairs
 from .encoders import Encoder, enable_checkpointing, load_encoder
 from .evaluation import evaluate, format_metrics
 from .files import WriteError, atomic_write_text
-from .gradcache import LossOptions, NonFiniteLossError, gradcache_step
+from .gradcache import LossOptions, NonFiniteLossError, StepPhases, gradcache_step
 from .guide_cache import load_or_compute_guide
 from .rundir import RunLock, prepare_run_directory
 
@@ -40,6 +40,32 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine")
     return device
+
+
+GPU_GUIDE_BATCH_SIZE = 1024
+
+
+def guide_batch_size(config: TrainConfig, device: torch.device) -> int:
+    """Texts per guide forward pass when filling the cache: ``config.guide_batch_size``, except that on
+    CUDA the default (64) becomes ``GPU_GUIDE_BATCH_SIZE`` (inference without grad holds no
+    activations for backward, and large batches keep the GPU busy); any other value is kept."""
+    if device.type == "cuda" and config.guide_batch_size == TrainConfig.guide_batch_size:
+        return GPU_GUIDE_BATCH_SIZE
+    return config.guide_batch_size
+
+
+def reset_gpu_peak(device: torch.device) -> None:
+    """Start a new peak-memory window on a CUDA ``device`` (nothing elsewhere)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def gpu_peak(device: torch.device) -> dict[str, float]:
+    """``{"gpu_peak_mb": ...}``: ``torch.cuda.max_memory_allocated`` since the last reset, in MiB, on
+    CUDA; ``{}`` elsewhere (a host-side counter: reading it does not wait for the GPU)."""
+    if device.type != "cuda":
+        return {}
+    return {"gpu_peak_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1)}
 
 
 def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
@@ -236,18 +262,22 @@ class Trainer:
         # computed once: rank 0 fills the cache while the other ranks wait, then they read it
         if not info.is_main:
             dtrain.barrier(info)
+        t_guide = time.perf_counter()
+        reset_gpu_peak(self.device)
         table = load_or_compute_guide(
             guide,
             train,
             cache_dir,
-            batch_size=cfg.guide_batch_size,
+            batch_size=guide_batch_size(cfg, self.device),
             dtype=self.autocast_dtype,
             progress=progress,
         )
+        guide_record = {"seconds": round(time.perf_counter() - t_guide, 3), **gpu_peak(self.device)}
         if info.is_main:
             dtrain.barrier(info)
         log = MetricsLog(self.output / "metrics.jsonl") if info.is_main else _NullLog()
         log.write(event="start", resume_from=str(resume_from) if resume_from else None, config=cfg.to_dict())
+        log.write(event="guide_cache", texts=int(table.table.shape[0]), **guide_record)
         try:
             if held is not None and resume_from is None and info.is_main:
                 if cfg.eval_guide:
@@ -354,6 +384,8 @@ class Trainer:
         try:
             for pos, rows in schedule.iterate(start):
                 t_step = time.perf_counter()
+                reset_gpu_peak(self.device)
+                phases = StepPhases(self.device)
                 global_rows, rows = len(rows), dtrain.shard_rows(info, rows)  # this rank's slice of the batch
                 if not rows:  # fewer rows than processes (an epoch's end): nothing to contrast, no update
                     scheduler.step()
@@ -370,13 +402,14 @@ class Trainer:
                         mini_batch_size=cfg.mini_batch_size,
                         loss_options=loss_options,
                         autocast_dtype=self.autocast_dtype,
+                        phases=phases,
                     )
                     dtrain.all_reduce_gradients(info, params)  # the mean over ranks: the global batch's gradient
                     loss = dtrain.mean_over_ranks(info, loss)  # the global batch's loss, for the log
-                    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-                    if not torch.isfinite(grad_norm):
-                        raise NonFiniteLossError(f"the gradient norm is {grad_norm.item()}")
+                    max_norm = cfg.max_grad_norm or float("inf")  # 0 or None: no clipping
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()  # the one read after backward
+                    if not math.isfinite(grad_norm):
+                        raise NonFiniteLossError(f"the gradient norm is {grad_norm}")
                 except NonFiniteLossError as e:
                     optimizer.zero_grad(set_to_none=True)
                     kept = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
@@ -398,10 +431,12 @@ class Trainer:
                     epoch=pos.epoch,
                     loss=loss.item(),
                     lr=scheduler.get_last_lr()[0],
-                    grad_norm=grad_norm.item(),
+                    grad_norm=grad_norm,
                     rows=len(rows) * info.world,
                     step_s=round(dt, 4),
                     samples_per_s=round(rate, 3),
+                    phase_s=phases.seconds(),  # tokenize / encode / loss / reencode
+                    **gpu_peak(self.device),  # this step's peak (CUDA only)
                 )
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{rate:.1f}")
