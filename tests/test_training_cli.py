@@ -75,8 +75,26 @@ def test_errors_exit_2_with_the_reason(setup, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "bad.jsonl" in err and "row 1" in err and "'positive'" in err
-    assert main(_train_args(p, "--max-steps", "1", "--margin-strategy", "sideways")) == 2
-    assert "--margin-strategy" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:  # a bad flag value: argparse's usage line and error, status 2
+        main(_train_args(p, "--max-steps", "1", "--margin-strategy", "sideways"))
+    assert info.value.code == 2
+    assert "argument --margin-strategy: must be one of absolute, relative" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("content", "named"),
+    [
+        ("", "the file is empty"),
+        ('{"anchor": "a", "positive": "b"}\n{"anchor": "c",\n', "line 2: not valid JSON"),
+        ('{"anchor": "a\\ud800", "positive": "b"}\n', "lone surrogate"),
+    ],
+)
+def test_eval_names_a_bad_data_file(setup, capsys, content, named):
+    p = setup
+    (p / "bad.jsonl").write_text(content)
+    assert main(["eval", "--model", str(p / "student"), "--data", str(p / "bad.jsonl"), "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl" in err and named in err and "Traceback" not in err
 
 
 def test_stdlib_data_and_default_student(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
@@ -64,23 +65,130 @@ class PairData:
 
 
 def _load_dataset(source: str, split: str):
-    datasets = require("datasets", f"reading the data {source}")
-
+    """A local file as ``(column names, rows as dicts)`` or a ``datasets.Dataset`` (parquet, hub id)."""
     path = Path(source)
     if path.is_file():
-        fmt = _FORMATS.get(path.suffix.lower())
-        if fmt is None:
+        suffix = path.suffix.lower()
+        if suffix not in _FORMATS:
             raise ValueError(f"{source}: unknown data format {path.suffix!r}; use one of {sorted(_FORMATS)}")
-        kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
-        return datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
-    if path.exists() or source.startswith((".", "/", "~")) or path.suffix.lower() in _FORMATS:
+        if suffix in (".jsonl", ".json"):
+            return read_json_rows(path)
+        if suffix in (".csv", ".tsv"):
+            return read_csv_rows(path, delimiter="\t" if suffix == ".tsv" else ",")
+        datasets = require("datasets", f"reading the data {source}")
+        try:
+            return datasets.load_dataset("parquet", data_files=str(path), split="train")
+        except Exception as e:  # noqa: BLE001 - one line naming the file instead of a library traceback
+            raise ValueError(f"{source}: not a readable parquet file ({type(e).__name__}: {e})") from None
+    if path.exists():
+        raise ValueError(f"data path {source} is not a file")
+    if source.startswith((".", "/", "~")) or path.suffix.lower() in _FORMATS:
         raise FileNotFoundError(f"data file {source} does not exist")
+    datasets = require("datasets", f"reading the data {source}")
     try:
         return datasets.load_dataset(source, split=split)
     except Exception as e:  # noqa: BLE001 - rewrap with the id and the offline hint
         raise FileNotFoundError(
             f"could not load dataset {source!r} (split {split!r}) from the Hugging Face hub: {type(e).__name__}: {e}"
         ) from e
+
+
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text (a leading byte-order mark dropped); ValueError naming the file, line and
+    byte of the first invalid byte (e.g. a Latin-1 file)."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(
+            f"{path}: line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+            "save the file as UTF-8"
+        ) from None
+
+
+def read_json_rows(path: str | os.PathLike) -> tuple[list[str], list[dict]]:
+    """Rows of a JSON-lines file (one object per line; blank lines skipped), or of a ``.json`` file
+    holding a list of objects (or one object).
+
+    Returns:
+        ``(column names in order of first appearance, rows)``.
+
+    Raises:
+        ValueError naming the file and line: invalid UTF-8 or JSON, a line that is not an object, no rows.
+
+    Example:
+        >>> read_json_rows("pairs.jsonl")  # doctest: +SKIP
+        (['anchor', 'positive'], [{'anchor': 'q', 'positive': 'd'}])
+    """
+    path = Path(path)
+    text = _read_text(path)
+    if not text.strip():
+        raise ValueError(f"{path}: the file is empty (no rows)")
+    rows: list[Any] | None = None
+    if path.suffix.lower() == ".json":  # a whole-file JSON list (or one object), else JSON lines
+        try:
+            whole = json.loads(text)
+            rows = whole if isinstance(whole, list) else [whole]
+        except json.JSONDecodeError:
+            rows = None
+    if rows is not None:
+        numbered = [(i, f"item {i} (0-based)") for i in range(len(rows))]
+    else:
+        rows, numbered = [], []  # JSON lines
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(
+                    f"{path}: line {number}: not valid JSON ({e.msg}, column {e.colno}); a .jsonl file holds "
+                    "one JSON object per line"
+                ) from None
+            numbered.append((len(rows) - 1, f"line {number}"))
+    for i, where in numbered:
+        if not isinstance(rows[i], dict):
+            raise ValueError(f"{path}: {where}: expected an object of columns, got {type(rows[i]).__name__}")
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return list(dict.fromkeys(k for row in rows for k in row)), rows
+
+
+def read_csv_rows(path: str | os.PathLike, *, delimiter: str = ",") -> tuple[list[str], list[dict]]:
+    """Rows of a CSV (or TSV) file with a header line; every value is the text as written.
+
+    Raises:
+        ValueError naming the file (and line): invalid UTF-8, no header, a header but no rows, a row
+        with more or fewer fields than the header, a repeated column name.
+    """
+    import csv
+    import io
+
+    path = Path(path)
+    text = _read_text(path)
+    if not text.strip():
+        raise ValueError(f"{path}: the file is empty (no header line, no rows)")
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        header = next(reader)
+        duplicated = [c for c in dict.fromkeys(header) if header.count(c) > 1]
+        if duplicated:
+            raise ValueError(f"{path}: line 1: column {duplicated[0]!r} appears twice in the header")
+        rows = []
+        for fields in reader:
+            if not fields:
+                continue  # a blank line
+            if len(fields) != len(header):
+                raise ValueError(
+                    f"{path}: line {reader.line_num}: {len(fields)} fields, but the header has {len(header)}"
+                )
+            rows.append(dict(zip(header, fields, strict=True)))
+    except csv.Error as e:
+        raise ValueError(f"{path}: line {reader.line_num}: not valid CSV ({e})") from None
+    if not rows:
+        raise ValueError(f"{path}: no rows (only the header line {delimiter.join(header)!r})")
+    return header, rows
 
 
 def load_pairs(
@@ -108,7 +216,8 @@ def load_pairs(
 
     Raises:
         ValueError naming the file, the row (0-based) and the column for a missing column, a missing
-        value, a non-string or an empty text.
+        value, a non-string, an empty text or a lone surrogate; naming the file (and line) for an
+        empty file, a header-only CSV, bytes that are not UTF-8, or a line that is not JSON.
 
     Example:
         >>> data = load_pairs({"anchor": ["q1", "q2"], "positive": ["d1", "d2"]})
@@ -117,10 +226,17 @@ def load_pairs(
     """
     if isinstance(source, (str, os.PathLike)):
         name = str(source)
-        ds = _load_dataset(name, split)
-        column_names = list(ds.column_names)
-        get = ds.__getitem__
-        n = len(ds)
+        loaded = _load_dataset(name, split)
+        if isinstance(loaded, tuple):  # a local JSON or CSV file, read here
+            column_names, file_rows = loaded
+            n = len(file_rows)
+
+            def get(col):
+                return [row.get(col) for row in file_rows]
+        else:
+            column_names = list(loaded.column_names)
+            get = loaded.__getitem__
+            n = len(loaded)
     elif isinstance(source, Mapping):
         name = "<dict>"
         column_names = list(source)
@@ -165,45 +281,78 @@ def load_pairs(
                 )
             if not v.strip():
                 raise ValueError(f"{name}: row {i} (0-based): column {col!r} is an empty text")
+            if not v.isascii():
+                _check_encodable(v, f"{name}: row {i} (0-based): column {col!r}")
         cols.append(values)
     return PairData(cols[0], cols[1], cols[2:], name)
 
 
+def _check_encodable(text: str, where: str) -> None:
+    """ValueError naming ``where`` when ``text`` holds a lone surrogate (e.g. a JSON ``"\\ud800"``
+    escape): it is not Unicode text, and tokenizers cannot take it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"{where} has a lone surrogate {text[e.start]!r} at character {e.start}: not valid Unicode text"
+        ) from None
+
+
 class NoDuplicatesBatches:
-    """Seeded, duplicate-free batches: no text appears twice in a batch (across all columns).
+    """Seeded, duplicate-free batches of at least ``min_rows`` rows: no text appears twice in a batch
+    (across all columns).
 
     Each epoch is a seeded permutation (``seed``, ``epoch``) filled greedily into batches of
     ``batch_size`` rows; a row sharing a text with the batch being filled is deferred to the next
-    batch (like sentence-transformers' ``NO_DUPLICATES`` sampler). The batches of an epoch are a pure
-    function of (data, batch size, seed, epoch), so a resumed run sees the same order.
+    batch (like sentence-transformers' ``NO_DUPLICATES`` sampler). A batch left with fewer than
+    ``min_rows`` rows (an epoch's tail, or rows that share a text with every other row left) would
+    be a degenerate step (one row: the loss is 0), so each of its rows joins the latest batch of
+    the epoch that shares no text with it (that batch then holds more than ``batch_size`` rows);
+    a row that fits in no batch is left out of the epoch (:meth:`left_out` lists them). The batches
+    of an epoch are a pure function of (data, batch size, min rows, seed, epoch), so a resumed run
+    sees the same order.
 
     Args:
         data: the training pairs.
-        batch_size: rows per contrastive batch.
+        batch_size: rows per contrastive batch (>= ``min_rows``).
         seed: shuffling seed.
         drop_last: drop an epoch's last batch when it is smaller than ``batch_size``.
+        min_rows: the fewest rows a batch may have (>= 2; the trainer passes the number of
+            processes when that is larger, so that every process gets a row).
 
     Example:
-        >>> data = load_pairs({"anchor": ["a", "b", "a"], "positive": ["x", "y", "z"]})
-        >>> NoDuplicatesBatches(data, 2, seed=0).epoch(0)  # "a" never twice in a batch
-        [[2, 1], [0]]
+        >>> data = load_pairs({"anchor": ["a", "b", "c", "d", "e"], "positive": ["v", "w", "x", "y", "z"]})
+        >>> NoDuplicatesBatches(data, 2, seed=0).epoch(0)  # the 1-row tail [2] joins the batch before
+        [[4, 0], [1, 3, 2]]
     """
 
-    def __init__(self, data: PairData, batch_size: int, *, seed: int = 0, drop_last: bool = False) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    def __init__(
+        self, data: PairData, batch_size: int, *, seed: int = 0, drop_last: bool = False, min_rows: int = 2
+    ) -> None:
+        if min_rows < 2:
+            raise ValueError(f"min_rows must be >= 2 (a batch of one row has nothing to contrast); got {min_rows}")
+        if batch_size < min_rows:
+            raise ValueError(f"batch_size must be >= {min_rows}; got {batch_size}")
         self.n = len(data)
         self.batch_size = batch_size
         self.seed = seed
         self.drop_last = drop_last
+        self.min_rows = min_rows
         ids: dict[str, int] = {}
         self.row_texts = [
             frozenset(ids.setdefault(t, len(ids)) for t in row) for row in zip(*data.columns(), strict=True)
         ]
-        self._cache: dict[int, list[list[int]]] = {}
+        self._cache: dict[int, tuple[list[list[int]], list[int]]] = {}
 
     def epoch(self, epoch: int) -> list[list[int]]:
-        """The batches (lists of row indices) of ``epoch``."""
+        """The batches (lists of row indices) of ``epoch``; every batch has at least ``min_rows`` rows."""
+        return self._epoch(epoch)[0]
+
+    def left_out(self, epoch: int) -> list[int]:
+        """The rows of ``epoch`` that share a text with every batch, so are in none."""
+        return self._epoch(epoch)[1]
+
+    def _epoch(self, epoch: int) -> tuple[list[list[int]], list[int]]:
         if epoch in self._cache:
             return self._cache[epoch]
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
@@ -222,12 +371,39 @@ class NoDuplicatesBatches:
                     deferred.append(i)
             pending.extendleft(reversed(deferred))
             batches.append(batch)
+        batches, left_out = self._merge_short(batches)
         if self.drop_last and batches and len(batches[-1]) < self.batch_size:
             batches.pop()
         if len(self._cache) > 4:
             self._cache.clear()
-        self._cache[epoch] = batches
-        return batches
+        self._cache[epoch] = (batches, left_out)
+        return batches, left_out
+
+    def _merge_short(self, batches: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+        """Move the rows of batches shorter than ``min_rows`` into the latest batch that shares no text
+        with them; returns the batches and the rows that fit nowhere."""
+        kept = [b for b in batches if len(b) >= self.min_rows]
+        short = [i for b in batches if len(b) < self.min_rows for i in b]
+        if not short:
+            return batches, []
+        holding: dict[int, set[int]] = {}  # text id -> the kept batches that hold it
+        for k, b in enumerate(kept):
+            for i in b:
+                for t in self.row_texts[i]:
+                    holding.setdefault(t, set()).add(k)
+        left_out = []
+        for i in short:
+            blocked = set().union(*(holding.get(t, ()) for t in self.row_texts[i]))
+            k = len(kept) - 1
+            while k >= 0 and k in blocked:
+                k -= 1
+            if k < 0:
+                left_out.append(i)
+                continue
+            kept[k].append(i)
+            for t in self.row_texts[i]:
+                holding.setdefault(t, set()).add(k)
+        return kept, left_out
 
 
 @dataclass

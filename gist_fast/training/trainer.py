@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -151,6 +152,7 @@ class Trainer:
         self.student: Encoder | None = None
         self.results: dict[str, Any] = {}
         self._stop_requested = False
+        self._sampler: NoDuplicatesBatches | None = None
 
     # ----------------------------------------------------------------- setup
     def _say(self, msg: str) -> None:
@@ -200,6 +202,48 @@ class Trainer:
             limit=limit,
         )
 
+    def _preflight(self) -> None:
+        """Everything that can be checked before a file is written (see ``preflight.py``): the loss
+        backend, the models' token limits, the data (loaded here and kept for the run) and whether it
+        can train at all; so a run that fails here leaves nothing behind."""
+        from . import preflight
+
+        cfg = self.config
+        preflight.check_backend(cfg.loss_backend, cfg.label("loss_backend"))
+        guide, guide_label = self._guide_in, "guide"
+        if guide is None:
+            from .defaults import default_guide_path
+
+            guide = cfg.guide if cfg.guide is not None else default_guide_path()
+        preflight.check_seq_length(
+            guide, cfg.label("guide"), cfg.guide_max_seq_length, cfg.label("guide_max_seq_length")
+        )
+        student = self._student_in if self._student_in is not None else cfg.student
+        if student is not None:
+            guide, guide_label = student, "student"  # else the default student: the guide's first layers
+        preflight.check_seq_length(guide, cfg.label(guide_label), cfg.max_seq_length, cfg.label("max_seq_length"))
+        if self._train_in is None and cfg.data is not None:
+            self._train_in = self._load_data(cfg.data, "train", cfg.max_train_rows)
+        if self._eval_in is None and cfg.eval_data is not None:
+            self._eval_in = self._load_data(cfg.eval_data, "eval")
+        if self._train_in is not None:
+            self._check_trainable(self._train_in)
+
+    def _check_trainable(self, train: PairData) -> None:
+        """Build the batch sampler (every batch at least 2 rows, and one per process); refuse data
+        that forms no batch, warn when rows are left out."""
+        from . import preflight
+
+        cfg = self.config
+        min_rows = max(2, self.dist.world)
+        self._sampler = NoDuplicatesBatches(
+            train, cfg.batch_size, seed=cfg.seed, drop_last=cfg.drop_last, min_rows=min_rows
+        )
+        for message in preflight.check_trainable(train, self._sampler, cfg.label("data")):
+            self.results.setdefault("warnings", []).append(message)
+            if self.dist.is_main:
+                print(f"gist-fast: warning: {message}", file=sys.stderr)
+
     # ------------------------------------------------------------- training
     def train(self) -> dict[str, Any]:
         """Run training to the end (or to Ctrl-C / a non-finite loss); returns metrics and paths.
@@ -212,6 +256,7 @@ class Trainer:
                 set, or another run holds its lock (:class:`~gist_fast.training.rundir.RunDirectoryBusy`).
             WriteError: a file could not be written (disk full, read-only directory); it names the file.
         """
+        self._preflight()  # checks, and loads the data, before anything is written
         # one run at a time per output directory (rank 0 writes every file; the lock is its)
         lock = RunLock(self.output) if self.dist.is_main else None
         try:
@@ -241,6 +286,8 @@ class Trainer:
             dtrain.barrier(info)
         train = self._load_data(train_src, "train", cfg.max_train_rows)
         held = self._load_data(eval_src, "eval") if eval_src is not None else None
+        if self._sampler is None:  # the default run's data, written just now
+            self._check_trainable(train)
         self._say(f"train: {len(train)} pairs, {len(train.negatives)} negative column(s) from {train.source}")
 
         # the newest checkpoint whose files match their checksums (a damaged one is skipped, with a warning)
@@ -314,7 +361,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg = self.config
-        sampler = NoDuplicatesBatches(train, cfg.batch_size, seed=cfg.seed, drop_last=cfg.drop_last)
+        sampler = self._sampler  # built and checked with the data (_check_trainable)
         epochs = (cfg.epochs if cfg.epochs is not None else 1) if cfg.max_steps is None else None  # default: 1 epoch
         schedule = BatchSchedule(sampler, epochs=epochs, max_steps=cfg.max_steps)
         total = schedule.total_steps
