@@ -32,6 +32,7 @@ from .files import (
     WriteError,
     atomic_write_bytes,
     atomic_write_text,
+    follow_umask,
     fsync_directory,
     inside,
     make_directory,
@@ -142,6 +143,7 @@ def save_checkpoint(output: Path, student, optimizer, scheduler, step: int, iden
                 "identity": identity,
             },
         )
+        follow_umask(tmp)  # the model library may write 0o600 files
         write_manifest(tmp, manifest_of(tmp, step=step))
         if final.exists():
             shutil.rmtree(final)
@@ -245,6 +247,7 @@ def save_final_model(student, output: Path) -> None:
     try:
         os.mkdir(tmp, 0o777)
         student.save(tmp)
+        follow_umask(tmp)
         manifest = manifest_of(tmp)
         try:
             old = set(read_manifest(output)["files"])
