@@ -5,6 +5,11 @@
 #   2. the benchmark at d = 768 (the dim the issue's targets name) for every method, both Triton
 #      plans tuned first, within a 350 s budget (the report is rewritten after every row, so a
 #      command cut off at the device's limit keeps what it measured).
+#   3. issue 11: the trainer's GPU tests (tests/test_training_gpu.py: bf16 + Triton steps, no host
+#      syncs in the GradCache loops, bit-identical resume), capped at 60 s;
+#   4. issue 11: the training benchmark (benchmarks/bench_train_gpu.py: gist-fast train vs
+#      sentence-transformers at contrastive batch 4096 / 16384 / 65536, the fit search to 262144)
+#      within a 170 s budget, capped at 200 s; its report is saved after every run.
 # Logs, the GPU's name and the benchmark's JSON / markdown / PNG land in the given folder.
 #
 # Usage, from the repo root on the GPU machine:
@@ -30,3 +35,8 @@ timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_triton_backen
 echo "tests exit: $?"
 python3 benchmarks/bench_triton_gpu.py --out "$out" --dims 768 --budget-s 350 "$@" 2>&1 \
     | tee "$out/bench.log" | tail -n 60
+timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_training_gpu.py 2>&1 \
+    | tee "$out/tests_training.log" | tail -n 15
+echo "training tests exit: $?"
+timeout 200 python3 benchmarks/bench_train_gpu.py --out "$out" --budget-s 170 2>&1 \
+    | tee "$out/bench_train.log" | tail -n 40
