@@ -114,6 +114,7 @@ def run_gist_fast(cfg: dict, data: str, student: str, guide: str, workdir: Path)
         guide=guide,
         data=data,
         output=str(workdir / "gist-fast-out"),
+        overwrite=True,  # scratch: a rerun with the same --workdir replaces the last run
         batch_size=cfg["batch"],
         mini_batch_size=cfg["mini"],
         max_steps=total,

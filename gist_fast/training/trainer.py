@@ -103,11 +103,17 @@ class MetricsLog:
 
     def write(self, **record: Any) -> None:
         record.setdefault("time", round(time.time(), 3))
-        self._f.write(json.dumps(record) + "\n")
-        self._f.flush()
+        try:
+            self._f.write(json.dumps(record) + "\n")
+            self._f.flush()
+        except OSError as e:  # disk full: one line naming the log, not a traceback
+            raise WriteError(self.path, e) from None
 
     def close(self) -> None:
-        self._f.close()
+        try:
+            self._f.close()
+        except OSError as e:
+            raise WriteError(self.path, e) from None
 
 
 class Trainer:
