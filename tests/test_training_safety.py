@@ -389,23 +389,27 @@ def test_a_read_only_output_directory_is_one_line_naming_it(models, monkeypatch,
 
 
 def test_temporaries_of_a_killed_run_are_removed_at_the_next_start(models):
+    from gist_fast.training.files import temporary_name
+
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    tag = f"{dead.pid}-0123456789abcdef.gist-fast.tmp"
     out, cache = models / "run", models / "cache"
-    (out / "checkpoints" / f".step-00000002.{tag}" / "model").mkdir(parents=True)
-    (out / f".results.json.{tag}").write_text("{")
-    (out / "checkpoints" / ".latest.k3j_x9q2.tmp").write_text("step-")  # the old code's names
+    (out / "checkpoints").mkdir(parents=True)
     cache.mkdir()
-    (cache / f".guide-0123.pt.{tag}").write_bytes(b"half")
-    alive = out / f".results.json.{os.getpid()}-0123456789abcdef.gist-fast.tmp"  # a live writer's
+    (temporary_name(out / "checkpoints" / "step-00000002", pid=dead.pid) / "model").mkdir(parents=True)
+    temporary_name(out / "results.json", pid=dead.pid).write_text("{")
+    temporary_name(cache / "guide-0123.pt", pid=dead.pid).write_bytes(b"half")
+    (out / "checkpoints" / ".latest.k3j_x9q2.tmp").write_text("step-")  # the old code's names
+    alive = temporary_name(out / "results.json")  # a live writer's (this process)
     alive.write_text("{")
+    other_host = out / f".results.json.elsewhere-{dead.pid}-0123456789abcdef.gist-fast.tmp"
+    other_host.write_text("{")  # its pid means nothing here
     theirs = out / "notes.tmp"  # not ours
     theirs.write_text("keep")
     (out / "checkpoints" / "keep.tmp").write_text("keep")
     Trainer(_config(models, "run", max_steps=2)).train()
     left = sorted(p.name for d in (out, out / "checkpoints", cache) for p in d.iterdir() if "tmp" in p.name)
-    assert left == sorted(["keep.tmp", "notes.tmp", alive.name])
+    assert left == sorted(["keep.tmp", "notes.tmp", alive.name, other_host.name])
 
 
 # ------------------------------------------------------------------ item 12: modes follow the umask

@@ -2,8 +2,9 @@
 
 * :func:`atomic_write_bytes` / :func:`atomic_write_text` write a temporary file next to the target
   and rename it over the target, so a reader sees the old file or the new one, never half of one.
-* Temporaries are named ``.<target>.<pid>-<random>.gist-fast.tmp``: :func:`remove_stale_temporaries`
-  removes those whose writing process has died (a kill, a power cut) and leaves everything else alone.
+* Temporaries are named ``.<target>.<host>-<pid>-<random>.gist-fast.tmp``: :func:`remove_stale_temporaries`
+  removes those whose writing process (on this host) has died (a kill, a power cut) and leaves
+  everything else alone, including another host's on a shared file system.
 * A manifest (``gist-fast-manifest.json``: size and SHA-256 of every file of a directory) is written
   last; :func:`verify_manifest` checks a directory against it.
 * Files are created with mode ``0o666`` and directories ``0o777``, less the umask (as ``open`` does).
@@ -20,14 +21,20 @@ import os
 import re
 import secrets
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
 TMP_SUFFIX = ".gist-fast.tmp"
 MANIFEST = "gist-fast-manifest.json"
 MANIFEST_FORMAT = "gist-fast-manifest/1"
-# .<target>.<pid>-<16 hex>.gist-fast.tmp
-_OURS = re.compile(r"^\..+\.(\d+)-[0-9a-f]{16}" + re.escape(TMP_SUFFIX) + "$")
+# .<target>.<host>-<pid>-<16 hex>.gist-fast.tmp
+_OURS = re.compile(r"^\..+\.([A-Za-z0-9]{1,16})-(\d+)-[0-9a-f]{16}" + re.escape(TMP_SUFFIX) + "$")
+
+
+def _host() -> str:
+    """This machine's name, reduced to letters and digits (at most 16) for temporary names."""
+    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:16] or "host"
 
 
 class WriteError(OSError):
@@ -50,10 +57,12 @@ class CorruptFileError(ValueError):
         self.path = Path(path)
 
 
-def temporary_name(target: str | os.PathLike) -> Path:
-    """A fresh temporary path in ``target``'s directory, recognisable by :func:`remove_stale_temporaries`."""
+def temporary_name(target: str | os.PathLike, pid: int | None = None) -> Path:
+    """A fresh temporary path in ``target``'s directory, recognisable by :func:`remove_stale_temporaries`
+    (``pid``: the writing process, default this one)."""
     target = Path(target)
-    return target.parent / f".{target.name}.{os.getpid()}-{secrets.token_hex(8)}{TMP_SUFFIX}"
+    pid = os.getpid() if pid is None else pid
+    return target.parent / f".{target.name}.{_host()}-{pid}-{secrets.token_hex(8)}{TMP_SUFFIX}"
 
 
 def fsync_directory(path: str | os.PathLike) -> None:
@@ -242,7 +251,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_temporaries(directory: str | os.PathLike, legacy: re.Pattern[str] | None = None) -> list[Path]:
-    """Remove our temporaries in ``directory`` (not below it) whose writing process is gone.
+    """Remove our temporaries in ``directory`` (not below it) whose writing process on this host is gone.
 
     Only names made by :func:`temporary_name` count (plus, when given, names matching ``legacy``,
     for a directory this process holds locked); another program's ``*.tmp`` files are kept.
@@ -254,7 +263,8 @@ def remove_stale_temporaries(directory: str | os.PathLike, legacy: re.Pattern[st
         return removed
     for entry in directory.iterdir():
         m = _OURS.match(entry.name)
-        stale = (m is not None and not _pid_alive(int(m.group(1)))) or (legacy is not None and legacy.match(entry.name))
+        ours_and_dead = m is not None and m.group(1) == _host() and not _pid_alive(int(m.group(2)))
+        stale = ours_and_dead or (legacy is not None and legacy.match(entry.name))
         if not stale:
             continue
         if entry.is_dir() and not entry.is_symlink():
