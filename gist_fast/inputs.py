@@ -8,6 +8,7 @@ check them again.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -39,6 +40,10 @@ class GISTOptions:
         reduction: ``"mean"`` over the local rows, ``"sum"``, or ``"none"`` (a B-vector).
         offset: column of anchor 0's positive among the P candidates (``rank * B`` when the
             candidates are gathered over processes, else 0).
+        matryoshka_dims: None, or distinct prefix widths m in [1, d]: the loss is then
+            ``sum_m w_m * L(student[..., :m]; the full guide)``, each L the GIST loss of the
+            truncated student embeddings (cosine after truncation).
+        matryoshka_weights: the w_m, one per entry of `matryoshka_dims` (None when it is None).
     """
 
     temperature: float = 0.01
@@ -48,6 +53,8 @@ class GISTOptions:
     contrast_positives: bool = True
     reduction: Reduction = "mean"
     offset: int = 0
+    matryoshka_dims: tuple[int, ...] | None = None
+    matryoshka_weights: tuple[float, ...] | None = None
 
     def threshold(self, target_guide_similarity: Tensor) -> Tensor:
         """`thr_i` from `t_i = ĝa_i · ĝp_{o+i}`; a candidate is masked when its guide similarity is > thr_i."""
@@ -160,6 +167,45 @@ def _check_finite(named: list[tuple[str, Tensor]]) -> None:
             raise ValueError(f"{name} contains NaN or Inf")
 
 
+def check_matryoshka(
+    dims: Sequence[int] | None, weights: Sequence[float] | None, student_dim: int
+) -> tuple[tuple[int, ...] | None, tuple[float, ...] | None]:
+    """`matryoshka_dims` and `matryoshka_weights` as tuples (weights default to 1), or (None, None).
+
+    Dims must be distinct ints in [1, student_dim]; weights finite numbers, one per dim. Raises a
+    ValueError / TypeError naming the argument.
+    """
+    if dims is None:
+        if weights is not None:
+            raise ValueError("matryoshka_weights was given without matryoshka_dims")
+        return None, None
+    if isinstance(dims, (str, bytes, Tensor)) or not isinstance(dims, Sequence):
+        raise TypeError(f"matryoshka_dims must be a sequence of ints; got {type(dims).__name__}")
+    if len(dims) == 0:
+        raise ValueError("matryoshka_dims must hold at least one dimension; got an empty sequence")
+    as_ints = []
+    for m in dims:
+        if isinstance(m, bool) or not isinstance(m, numbers.Integral):
+            raise TypeError(f"matryoshka_dims must hold ints; got {m!r} ({type(m).__name__})")
+        if not 1 <= m <= student_dim:
+            raise ValueError(f"matryoshka_dims entries must lie in [1, {student_dim}] (the student's dim); got {m}")
+        as_ints.append(int(m))
+    if len(set(as_ints)) != len(as_ints):
+        raise ValueError(f"matryoshka_dims must be distinct; got {tuple(as_ints)}")
+    if weights is None:
+        return tuple(as_ints), (1.0,) * len(as_ints)
+    if isinstance(weights, (str, bytes, Tensor)) or not isinstance(weights, Sequence):
+        raise TypeError(f"matryoshka_weights must be a sequence of numbers; got {type(weights).__name__}")
+    if len(weights) != len(dims):
+        raise ValueError(
+            f"matryoshka_weights has {len(weights)} entries but matryoshka_dims has {len(dims)}: one weight per dim"
+        )
+    for w in weights:
+        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w):
+            raise ValueError(f"matryoshka_weights must hold finite numbers; got {w!r}")
+    return tuple(as_ints), tuple(float(w) for w in weights)
+
+
 def validate(
     anchor: Tensor,
     positive: Tensor,
@@ -177,6 +223,8 @@ def validate(
     offset: int = 0,
     expected_candidates: int | None = None,
     check_finite: bool = True,
+    matryoshka_dims: Sequence[int] | None = None,
+    matryoshka_weights: Sequence[float] | None = None,
 ) -> tuple[GISTInputs, GISTOptions]:
     """Check everything `gist_loss` was given; raise a ValueError/TypeError naming the argument.
 
@@ -224,6 +272,7 @@ def validate(
         raise ValueError(
             f"offset {offset} puts the targets outside the {positive.shape[0]} candidates for {batch} anchors"
         )
+    dims, weights = check_matryoshka(matryoshka_dims, matryoshka_weights, anchor.shape[1])
     if check_finite:
         _check_finite(student + guide)
 
@@ -236,5 +285,7 @@ def validate(
         contrast_positives=contrast_positives,
         reduction=reduction,  # type: ignore[arg-type]
         offset=int(offset),
+        matryoshka_dims=dims,
+        matryoshka_weights=weights,
     )
     return inputs, options

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from .backends import get_backend
+from .backends import run as run_backend
 from .inputs import MarginStrategy, Reduction, validate
 
 
@@ -26,6 +26,8 @@ def gist_loss(
     reduction: Reduction = "mean",
     backend: str = "auto",
     gather_across_devices: bool = False,
+    matryoshka_dims: Sequence[int] | None = None,
+    matryoshka_weights: Sequence[float] | None = None,
 ) -> Tensor:
     """GISTEmbed's guided contrastive loss, exactly as sentence-transformers' ``GISTEmbedLoss``.
 
@@ -69,6 +71,15 @@ def gist_loss(
             the same B, dims and number of negative columns; this is checked. Works with any
             torch.distributed backend (NCCL: reduce-scatter; gloo: all-reduce). A no-op when
             torch.distributed is not initialised or has one process.
+        matryoshka_dims: None, or distinct ints m in [1, d]: return the Matryoshka loss
+            ``sum_m w_m * L(anchor[:, :m], positive[:, :m], negatives[..., :m]; the same guide
+            inputs)``, each L this loss on the first m student features (cosine after truncation,
+            as sentence-transformers' ``MatryoshkaLoss`` truncates before its loss normalises),
+            with every option, reduction (``"none"``: the per-row weighted sum) and the gather as
+            above. Backends with a one-pass path compute all dims together (the guide mask once,
+            the student dots of every prefix from one sweep over the features); the others are
+            called once per dim.
+        matryoshka_weights: the w_m, one finite number per dim; default all 1.
 
     Returns:
         A scalar, or a (B,) tensor for ``reduction="none"``: float64 when any input is float64,
@@ -91,6 +102,10 @@ def gist_loss(
 
             torch.distributed.init_process_group("nccl")  # or "gloo" on CPUs
             loss = gist_fast.gist_loss(a, p, ga, gp, n, gn, gather_across_devices=True)
+
+        One model for several embedding sizes (Matryoshka), the prefixes 16, 8 and 4 of d = 16::
+
+            loss = gist_fast.gist_loss(a, p, ga, gp, n, gn, matryoshka_dims=(16, 8, 4))
     """
     inputs, options = validate(
         anchor,
@@ -105,6 +120,8 @@ def gist_loss(
         contrast_anchors=contrast_anchors,
         contrast_positives=contrast_positives,
         reduction=reduction,
+        matryoshka_dims=matryoshka_dims,
+        matryoshka_weights=matryoshka_weights,
     )
     if not isinstance(gather_across_devices, bool):
         raise TypeError(f"gather_across_devices must be a bool; got {type(gather_across_devices).__name__}")
@@ -112,13 +129,14 @@ def gist_loss(
         from .distributed import gather_candidates
 
         inputs, options = gather_candidates(inputs, options)
-    return get_backend(backend, inputs)(inputs, options)
+    return run_backend(backend, inputs, options)
 
 
 class GISTLoss(nn.Module):
     """`gist_loss` as a module holding its options.
 
-    Args: as the keyword arguments of `gist_loss`, ``gather_across_devices`` included.
+    Args: as the keyword arguments of `gist_loss`, ``gather_across_devices`` and the Matryoshka
+    ones included.
 
     Example:
         >>> import torch, gist_fast
@@ -138,6 +156,8 @@ class GISTLoss(nn.Module):
         reduction: Reduction = "mean",
         backend: str = "auto",
         gather_across_devices: bool = False,
+        matryoshka_dims: Sequence[int] | None = None,
+        matryoshka_weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         self.temperature = temperature
@@ -148,6 +168,8 @@ class GISTLoss(nn.Module):
         self.reduction = reduction
         self.backend = backend
         self.gather_across_devices = gather_across_devices
+        self.matryoshka_dims = matryoshka_dims
+        self.matryoshka_weights = matryoshka_weights
 
     def forward(
         self,
@@ -173,6 +195,8 @@ class GISTLoss(nn.Module):
             reduction=self.reduction,
             backend=self.backend,
             gather_across_devices=self.gather_across_devices,
+            matryoshka_dims=self.matryoshka_dims,
+            matryoshka_weights=self.matryoshka_weights,
         )
 
     def extra_repr(self) -> str:
@@ -181,4 +205,9 @@ class GISTLoss(nn.Module):
             f"contrast_anchors={self.contrast_anchors}, contrast_positives={self.contrast_positives}, "
             f"reduction={self.reduction!r}, backend={self.backend!r}, "
             f"gather_across_devices={self.gather_across_devices}"
+            + (
+                ""
+                if self.matryoshka_dims is None
+                else f", matryoshka_dims={self.matryoshka_dims}, matryoshka_weights={self.matryoshka_weights}"
+            )
         )

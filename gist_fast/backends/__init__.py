@@ -14,6 +14,8 @@ from collections.abc import Callable
 from torch import Tensor
 
 from ..inputs import GISTInputs, GISTOptions
+from .common import has_one_pass_matryoshka
+from .matryoshka import compose_per_dimension
 
 BackendFn = Callable[[GISTInputs, GISTOptions], Tensor]
 
@@ -58,3 +60,13 @@ def get_backend(name: str, inputs: GISTInputs) -> BackendFn:
     if module.startswith("gist_fast.backends.triton") and not _triton_installed():
         raise ValueError(f"backend={name!r} needs the package triton (pip install triton), or use backend='torch'")
     return getattr(importlib.import_module(module), function)
+
+
+def run(name: str, inputs: GISTInputs, options: GISTOptions) -> Tensor:
+    """The loss by backend `name`. With ``options.matryoshka_dims``, a backend marked
+    `common.one_pass_matryoshka` computes every prefix dim in one pass; any other backend is called
+    once per dim (`matryoshka.compose_per_dimension`), which is correct but repeats the shared work."""
+    backend_fn = get_backend(name, inputs)
+    if options.matryoshka_dims is None or has_one_pass_matryoshka(backend_fn):
+        return backend_fn(inputs, options)
+    return compose_per_dimension(backend_fn, inputs, options)

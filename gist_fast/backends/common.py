@@ -31,3 +31,14 @@ def reduce(losses: Tensor, reduction: str) -> Tensor:
 def row_weight(options: GISTOptions, batch: int) -> float:
     """d loss / d loss_i for the scalar reductions: 1/B for "mean", 1 for "sum"."""
     return 1.0 / batch if options.reduction == "mean" else 1.0
+
+
+def one_pass_matryoshka(backend_fn):
+    """Mark a backend function as computing ``options.matryoshka_dims`` itself (one pass over the
+    candidates for all prefix dims); unmarked backends get one call per dim (`backends.run`)."""
+    backend_fn.one_pass_matryoshka = True
+    return backend_fn
+
+
+def has_one_pass_matryoshka(backend_fn) -> bool:
+    return bool(getattr(backend_fn, "one_pass_matryoshka", False))
