@@ -110,7 +110,7 @@ def _small_state(tmp_path):
 
 
 # ------------------------------------------------------------------ item 1: nothing read runs code
-def test_a_crafted_pickle_in_a_checkpoint_or_the_cache_does_not_run(tmp_path, models):
+def test_a_crafted_pickle_in_a_checkpoint_or_the_cache_does_not_run(tmp_path, models, caplog):
     cfg = _config(models, "run", max_steps=4)
     Trainer(cfg).train()
     (ckpt,) = sorted((models / "run" / "checkpoints").glob("step-*"))
@@ -123,6 +123,12 @@ def test_a_crafted_pickle_in_a_checkpoint_or_the_cache_does_not_run(tmp_path, mo
     finally:
         assert not marker.exists(), "resuming ran code from trainer_state.pt"
         assert not (tmp_path / "pwned-cache").exists(), "reading the guide cache ran code"
+    # a checkpoint whose only trainer state is that pickle (the old layout) is refused, naming it
+    for name in ("trainer_state.safetensors", "trainer_state.json", "gist-fast-manifest.json"):
+        (ckpt / name).unlink(missing_ok=True)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert latest_checkpoint(models / "run") is None
+    assert str(ckpt / "trainer_state.pt") in caplog.text and not marker.exists()
 
 
 def test_the_latest_pointer_is_not_followed_outside_the_run(tmp_path):

@@ -48,6 +48,7 @@ log = logging.getLogger("gist_fast.training")
 
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
+LEGACY_STATE = "trainer_state.pt"  # before: a pickle, never read now
 _STEP_NAME = re.compile(r"^step-\d{8}$")
 
 
@@ -163,6 +164,11 @@ def save_checkpoint(output: Path, student, optimizer, scheduler, step: int, iden
 
 def verify_checkpoint(path: Path) -> None:
     """Raise :class:`CorruptFileError` naming the file when checkpoint ``path`` is incomplete or damaged."""
+    if not (path / MANIFEST).exists() and (path / LEGACY_STATE).exists():
+        raise CorruptFileError(
+            path / LEGACY_STATE,
+            "a pickled trainer state of an older gist-fast; it is not loaded (unpickling can run code)",
+        )
     verify_manifest(path, required=(STATE_TENSORS, STATE_JSON, "model/config.json", "model/model.safetensors"))
 
 
@@ -180,7 +186,7 @@ def latest_checkpoint(output: Path) -> Path | None:
         (p for p in root.iterdir() if _STEP_NAME.match(p.name) and p.is_dir() and inside(p, root)), reverse=True
     )
     pointer = root / "latest"
-    if pointer.is_file():
+    if pointer.is_file() and not pointer.is_symlink():
         name = pointer.read_text(errors="replace").strip()
         if not _STEP_NAME.match(name) or not inside(root / name, root):
             log.warning("%s: ignoring its content %r (not a checkpoint name inside %s)", pointer, name[:80], root)

@@ -214,7 +214,7 @@ def verify_manifest(root: str | os.PathLike, required: tuple[str, ...] = ()) -> 
             raise CorruptFileError(root / MANIFEST, f"does not list {rel}")
     for rel, entry in manifest["files"].items():
         path = root / rel
-        if ".." in Path(rel).parts or Path(rel).is_absolute():
+        if ".." in Path(rel).parts or Path(rel).is_absolute() or not inside(path, root):
             raise CorruptFileError(root / MANIFEST, f"lists a path outside {root}: {rel!r}")
         try:
             size = path.stat().st_size
