@@ -194,7 +194,7 @@ def latest_checkpoint(output: Path) -> Path | None:
         try:
             verify_checkpoint(candidate)
         except CorruptFileError as e:
-            log.warning("skipping checkpoint %s: %s", candidate, e)
+            log.warning("skipping checkpoint %s: %s; trying the previous one", candidate, e)
             continue
         return candidate
     return None
