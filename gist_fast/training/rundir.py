@@ -21,7 +21,7 @@ LOCK = ".gist-fast.lock"
 SAVING_MARKER = ".gist-fast-saving"
 # files whose presence means an earlier run wrote here
 _RUN_FILES = ("results.json", "metrics.jsonl", MANIFEST, SAVING_MARKER, "model.safetensors")
-# temporaries of gist-fast before 0.x named them with tempfile's 8 random characters
+# temporaries of an older gist-fast (tempfile's 8 random characters); removed only under the lock
 _LEGACY_TMP = re.compile(r"^\.(step-\d{8}|latest|results\.json)\.[A-Za-z0-9_]{8}\.tmp$")
 
 try:
