@@ -23,8 +23,19 @@ MARGIN_STRATEGIES = ("absolute", "relative")
 REDUCTIONS = ("mean", "sum", "none")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# Cosine similarity clamps every norm from below, as torch.nn.CosineSimilarity does (DESIGN.md 1).
+# Cosine similarity clamps every norm from below, as torch.nn.CosineSimilarity does (docs/loss.md).
 NORM_EPS = 1e-8
+
+# The smallest temperature accepted (docs/loss.md, "Numerical range"). Logits reach 1/temperature,
+# and the float32 backends form the softmax exponent z - lse with round-off of about 100 * eps / tau
+# (eps = 6e-8): measured, 3e-5 of the gradient's scale at 1e-4, 2e-4 at 1e-5, 0.6 at 1e-8, and
+# NaN gradients (exp overflows) from about 3e-10. Above 1e-4 every backend stays within the tests'
+# float32 tolerance; sentence-transformers' default is 0.01.
+MIN_TEMPERATURE = 1e-4
+# A row is refused when its squared norm exceeds this fraction of the compute dtype's largest value:
+# the backends square and sum the row (and autograd squares the norm) in that dtype, and a fraction
+# 1/4 leaves room for their rounding. float32: norms up to about 9.2e18.
+SQUARED_NORM_HEADROOM = 0.25
 
 
 @dataclass(frozen=True)
@@ -161,10 +172,35 @@ def _check_group(kind: str, named: list[tuple[str, Tensor]], rows_of_positive: i
     return dim
 
 
-def _check_finite(named: list[tuple[str, Tensor]]) -> None:
+def compute_dtype_of(tensors: Sequence[Tensor]) -> torch.dtype:
+    """The dtype the backends compute in: float64 when any input is float64, else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _check_values(named: list[tuple[str, Tensor]], dtype: torch.dtype) -> None:
+    """No NaN or Inf, and no row whose squared L2 norm overflows `dtype` (the norms would come out
+    Inf, the row's cosines 0: a wrong finite loss with zero gradient). One max-reduction per tensor;
+    rows are only summed when the largest entry says a row could be too long."""
+    limit = torch.finfo(dtype).max * SQUARED_NORM_HEADROOM
     for name, t in named:
-        if not bool(torch.isfinite(t).all()):
+        peak = float(t.detach().abs().amax())  # NaN propagates through amax
+        if not math.isfinite(peak):
             raise ValueError(f"{name} contains NaN or Inf")
+        if peak * peak * t.shape[1] <= limit:
+            continue
+        for start in range(0, t.shape[0], 4096):
+            rows = t.detach()[start : start + 4096].to(torch.float64)
+            row_peak = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-300)
+            norms = (rows / row_peak).norm(dim=1) * row_peak.squeeze(1)  # scaled: no overflow here
+            too_long = (norms * norms > limit).nonzero()
+            if too_long.numel():
+                row = start + int(too_long[0])
+                raise ValueError(
+                    f"{name} row {row} has L2 norm {float(norms[row - start]):.3g}, whose square overflows "
+                    f"the {str(dtype).removeprefix('torch.')} computation (norms up to "
+                    f"{math.sqrt(limit):.3g} are accepted); cosine similarity ignores the scale, so divide "
+                    "the embeddings by a constant"
+                )
 
 
 def check_matryoshka(
@@ -229,7 +265,8 @@ def validate(
     """Check everything `gist_loss` was given; raise a ValueError/TypeError naming the argument.
 
     `expected_candidates` is P when the positives were gathered (P = world_size * B); by default
-    P must equal B.
+    P must equal B. `check_finite=False` skips the value checks (NaN/Inf, norms whose square
+    overflows), which read every input once.
     """
     negs = _as_negative_tuple("negatives", negatives)
     guide_negs = _as_negative_tuple("guide_negatives", guide_negatives)
@@ -258,6 +295,12 @@ def validate(
         raise TypeError(f"temperature must be a number; got {type(temperature).__name__}")
     if not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be a finite number > 0; got {temperature}")
+    if temperature < MIN_TEMPERATURE:
+        raise ValueError(
+            f"temperature must be >= {MIN_TEMPERATURE:g}; got {temperature:g}: below it the logits (up to "
+            "1/temperature) are too large for float32 round-off and the gradients go wrong, then NaN "
+            "(see docs/loss.md, 'Numerical range')"
+        )
     if margin_strategy not in MARGIN_STRATEGIES:
         raise ValueError(f"margin_strategy must be one of {MARGIN_STRATEGIES}; got {margin_strategy!r}")
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
@@ -274,7 +317,7 @@ def validate(
         )
     dims, weights = check_matryoshka(matryoshka_dims, matryoshka_weights, anchor.shape[1])
     if check_finite:
-        _check_finite(student + guide)
+        _check_values(student + guide, compute_dtype_of([t for _, t in student + guide]))
 
     inputs = GISTInputs(anchor, positive, negs, guide_anchor, guide_positive, guide_negs)
     options = GISTOptions(
