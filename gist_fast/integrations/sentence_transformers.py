@@ -11,7 +11,8 @@ replayed RNG state and the backward hook), take the same constructor arguments w
 defaults, and work inside ``MatryoshkaLoss``. Only the loss on the embeddings is replaced: it is
 computed by `gist_fast.gist_loss`, whose memory is linear in the batch (sentence-transformers builds
 B x N x d tensors to compute cosine similarities by broadcasting) and which runs a fused Triton kernel
-on CUDA. The extra ``backend`` argument picks the `gist_fast.gist_loss` backend.
+on CUDA. The extra ``backend`` argument picks the `gist_fast.gist_loss` backend. `MatryoshkaLoss`
+is sentence-transformers' own, except that around these losses it computes every dim in one pass.
 
 This module needs ``sentence-transformers`` (tested with 6.2 and 6.0.1; see
 `_check_cached_retokenisation` for 6.0-6.1); ``import gist_fast`` does not import it.
@@ -20,8 +21,9 @@ This module needs ``sentence-transformers`` (tested with 6.2 and 6.0.1; see
 from __future__ import annotations
 
 import inspect
+import random
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -45,6 +47,11 @@ except ImportError:  # pragma: no cover - older sentence-transformers
 import sentence_transformers
 from sentence_transformers.util import batch_to_device
 
+try:
+    from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss as _STMatryoshkaLoss
+except ImportError:  # pragma: no cover - older sentence-transformers
+    from sentence_transformers.losses import MatryoshkaLoss as _STMatryoshkaLoss
+
 try:  # sentence-transformers 6: one merged forward for the candidate columns.
     from sentence_transformers.base.losses.merged_forward import embed_columns as _embed_columns
 except ImportError:  # pragma: no cover - older sentence-transformers embed column by column
@@ -53,7 +60,7 @@ except ImportError:  # pragma: no cover - older sentence-transformers embed colu
         return [model(features)["sentence_embedding"] for features in features_list]
 
 
-__all__ = ["GISTEmbedLoss", "CachedGISTEmbedLoss"]
+__all__ = ["GISTEmbedLoss", "CachedGISTEmbedLoss", "MatryoshkaLoss"]
 
 _HAS_MINI_BATCH_NUM_TOKENS = "mini_batch_num_tokens" in inspect.signature(_STCachedGISTEmbedLoss.__init__).parameters
 
@@ -417,3 +424,119 @@ class CachedGISTEmbedLoss(_STCachedGISTEmbedLoss):
     @property
     def citation(self) -> str:
         return GIST_CITATION + GRADCACHE_CITATION
+
+
+def _matryoshka_gist_loss(
+    loss: GISTEmbedLoss | CachedGISTEmbedLoss,
+    columns: list[Tensor],
+    guide_columns: list[Tensor],
+    dims: Sequence[int],
+    weights: Sequence[float],
+) -> Tensor:
+    """``sum_m w_m * L(columns[..., :m])`` with `loss`'s options, in one `gist_loss` call."""
+    _columns(type(loss).__name__, columns, guide_columns)
+    device = columns[0].device
+    guide_columns = [g.to(device) for g in guide_columns]
+    return gist_loss(
+        columns[0],
+        columns[1],
+        guide_columns[0],
+        guide_columns[1],
+        columns[2:] or None,
+        guide_columns[2:] or None,
+        temperature=loss.temperature,
+        margin_strategy=loss.margin_strategy,
+        margin=loss.margin,
+        contrast_anchors=loss.contrast_anchors,
+        contrast_positives=loss.contrast_positives,
+        gather_across_devices=loss.gather_across_devices,
+        backend=getattr(loss, "backend", "auto"),
+        matryoshka_dims=tuple(dims),
+        matryoshka_weights=tuple(weights),
+    )
+
+
+class _OnePassCachedLoss:
+    """Replaces a `CachedGISTEmbedLoss`'s ``calculate_loss`` inside `MatryoshkaLoss`: the loss of
+    every sampled dim from one `gist_loss` call on the cached embeddings (sentence-transformers'
+    ``CachedLossDecorator`` calls the loss once per dim instead)."""
+
+    def __init__(self, matryoshka: MatryoshkaLoss) -> None:
+        self.matryoshka = matryoshka
+
+    def __call__(
+        self, reps: list[list[Tensor]], reps_guided: list[list[Tensor]], *, with_backward: bool = False
+    ) -> Tensor:
+        dims, weights = self.matryoshka._dims_of_this_step(sort=False)
+        columns, guide_columns = [torch.cat(r) for r in reps], [torch.cat(r) for r in reps_guided]
+        loss = _matryoshka_gist_loss(self.matryoshka.loss, columns, guide_columns, dims, weights)
+        if with_backward:
+            loss.backward()
+            loss = loss.detach()
+        return loss
+
+
+class MatryoshkaLoss(_STMatryoshkaLoss):
+    def __init__(
+        self,
+        model,
+        loss: torch.nn.Module,
+        matryoshka_dims: Sequence[int],
+        matryoshka_weights: Sequence[float] | Sequence[int] | None = None,
+        n_dims_per_step: int = -1,
+    ) -> None:
+        """sentence-transformers' ``MatryoshkaLoss``, computing a GIST loss's dims in one pass.
+
+        Trains one model for several embedding sizes: the loss is ``sum_m w_m * loss(embeddings
+        truncated to their first m features)``. Same arguments, defaults and behaviour as
+        sentence-transformers' class (it is a subclass); when ``loss`` is this module's
+        `GISTEmbedLoss` or `CachedGISTEmbedLoss`, every dim's loss comes from one call of
+        `gist_fast.gist_loss` with ``matryoshka_dims``: the model and the guide embed once, the
+        guide's mask is computed once for all dims, and the student dots of all prefixes come
+        from one sweep over the features. sentence-transformers computes one full GIST loss per
+        dim instead, guide similarities included. Any other loss is wrapped exactly as
+        sentence-transformers does.
+
+        Args:
+            model: the SentenceTransformer being trained.
+            loss: the loss to apply at every dim, e.g. ``GISTEmbedLoss(model, guide)``.
+            matryoshka_dims: the embedding sizes, e.g. ``[768, 512, 256, 128, 64]``; each in
+                [1, the model's dim].
+            matryoshka_weights: one weight per dim; None: all 1.
+            n_dims_per_step: when > 0, use a random sample of this many dims per step (drawn with
+                Python's ``random`` as sentence-transformers draws them); -1 (default): all dims.
+
+        References:
+            - Matryoshka Representation Learning: https://arxiv.org/abs/2205.13147
+
+        Example:
+            ::
+
+                from gist_fast.integrations.sentence_transformers import GISTEmbedLoss, MatryoshkaLoss
+
+                loss = MatryoshkaLoss(model, GISTEmbedLoss(model, guide), [768, 512, 256, 128, 64])
+        """
+        super().__init__(model, loss, matryoshka_dims, matryoshka_weights, n_dims_per_step)
+        # A guide that is the model itself is truncated too by sentence-transformers (it runs the
+        # decorated forward): keep their per-dim path there.
+        self.one_pass = isinstance(loss, (GISTEmbedLoss, CachedGISTEmbedLoss)) and loss.guide is not model
+        if self.one_pass and self.uses_gradient_cache:
+            loss.calculate_loss = _OnePassCachedLoss(self)  # instead of their CachedLossDecorator
+
+    def _dims_of_this_step(self, sort: bool) -> tuple[list[int], list[float]]:
+        """The dims (and their weights) of this step: all of them, or ``n_dims_per_step`` drawn by
+        the same ``random.sample`` call as sentence-transformers' (sorted as their plain path sorts)."""
+        indices = range(len(self.matryoshka_dims))
+        if 0 < self.n_dims_per_step < len(indices):
+            indices = random.sample(indices, self.n_dims_per_step)
+            if sort:
+                indices.sort()
+        return [self.matryoshka_dims[i] for i in indices], [self.matryoshka_weights[i] for i in indices]
+
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
+        if not self.one_pass or self.uses_gradient_cache:
+            # Theirs, or the cached loss, whose calculate_loss computes every dim in one pass.
+            return super().forward(sentence_features, labels)
+        dims, weights = self._dims_of_this_step(sort=True)
+        embeddings, guide_embeddings = self.loss.embed(sentence_features)
+        return _matryoshka_gist_loss(self.loss, list(embeddings), list(guide_embeddings), dims, weights)
