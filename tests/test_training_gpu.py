@@ -132,6 +132,35 @@ def test_encode_batches_are_sorted_by_token_length_not_characters(tmp_path):
     torch.testing.assert_close(out, alone, rtol=1e-5, atol=1e-6)  # rows land where they belong
 
 
+@pytest.mark.parametrize("texts", [["value of the file", "a", "list dict string error module"], ["file", "data"]])
+def test_the_mask_reaches_the_model_ready_so_transformers_need_not_inspect_it(tmp_path, monkeypatch, texts):
+    """transformers checks a 2D mask for padding on the device (a host sync per mini-batch on CUDA);
+    the encoder answers that on the host: a ready SDPA mask when padded, none when not. Same output."""
+    import transformers.masking_utils as masking
+
+    from gist_fast.training.encoders import pool, takes_prepared_mask
+
+    enc = make_tiny_encoder(tmp_path, dropout=0.0).eval()
+    assert takes_prepared_mask(enc.model)
+    feats = enc.tokenize(texts)
+    with torch.no_grad():
+        hidden = enc.model(**feats, return_dict=True).last_hidden_state  # the usual 2D-mask path
+        want = pool(hidden, feats["attention_mask"], enc.pooling)
+        inspected = []
+        real = masking._ignore_bidirectional_mask_sdpa
+
+        def inspecting(padding_mask, *args, **kwargs):  # a mask to test on the device: the sync
+            inspected.extend([] if padding_mask is None else [padding_mask.shape])
+            return real(padding_mask, *args, **kwargs)
+
+        monkeypatch.setattr(masking, "_ignore_bidirectional_mask_sdpa", inspecting)
+        got = enc(feats)
+    assert inspected == []
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    enc.model.config._attn_implementation = "eager"  # eager attention adds the mask: it keeps the 2D one
+    assert not takes_prepared_mask(enc.model)
+
+
 def test_guide_cache_batches_on_the_gpu_are_large_unless_chosen():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert guide_batch_size(TrainConfig(), cuda) == GPU_GUIDE_BATCH_SIZE
@@ -184,8 +213,10 @@ def test_gradcache_loops_do_not_wait_for_the_gpu(tmp_path):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
-    in_ours = [f"{w.filename}:{w.lineno}" for w in syncs if any(p in w.filename for p in ours)]
-    assert len(in_ours) <= 1, in_ours  # loss.item(); 12 mini-batches would show any per-batch read
+    where = [f"{w.filename}:{w.lineno}" for w in syncs]
+    in_ours = [x for x in where if any(p in x for p in ours)]
+    assert len(in_ours) == 1 and "gradcache.py" in in_ours[0], where  # loss.item(); 12 mini-batches
+    assert not [x for x in where if "masking_utils" in x], where  # the mask went in ready (no .all())
 
 
 @needs_cuda

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -120,8 +121,18 @@ class Encoder(nn.Module):
     def forward(self, features: dict[str, Tensor]) -> Tensor:
         """Embed tokenized texts: (n, seq) features -> (n, d) embeddings (with grad if enabled)."""
         device = self.device
+        host_mask = features.get("attention_mask")
         features = {k: to_device(v, device) for k, v in features.items()}  # async from pinned memory on CUDA
-        hidden = self.model(**features, return_dict=True).last_hidden_state
+        model_inputs = features
+        if host_mask is not None and host_mask.device.type == "cpu" and takes_prepared_mask(self.model):
+            # transformers would test the mask for padding on the device (a host sync per forward);
+            # the host copy answers it for free: no padding -> no mask, else the ready SDPA mask
+            model_inputs = dict(features)
+            if bool(host_mask.all()):
+                del model_inputs["attention_mask"]
+            else:
+                model_inputs["attention_mask"] = features["attention_mask"][:, None, None, :].bool()
+        hidden = self.model(**model_inputs, return_dict=True).last_hidden_state
         emb = pool(hidden, features["attention_mask"], self.pooling)
         if self.normalize:
             emb = torch.nn.functional.normalize(emb.float(), p=2, dim=-1).to(emb.dtype)
@@ -230,6 +241,28 @@ class Encoder(nn.Module):
                 "similarity_fn_name": "cosine",
             },
         )
+
+
+# encoders whose transformers forward builds its mask with ``create_bidirectional_mask`` and passes a
+# ready 4D mask through unchanged (the 2D mask is used for nothing else)
+_PREPARED_MASK_MODELS = ("bert", "roberta", "xlm-roberta")
+
+
+def takes_prepared_mask(model: nn.Module) -> bool:
+    """Whether ``model`` can be given its attention mask ready for SDPA: a boolean (n, 1, 1, seq) mask,
+    True where a token is attended (what transformers' ``create_bidirectional_mask`` builds from the
+    2D mask after checking it for padding on the device); or none when nothing is padded.
+
+    True for BERT, RoBERTa and XLM-R models of transformers 5 attending with SDPA; False otherwise
+    (they get the 2D mask as usual).
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) not in _PREPARED_MASK_MODELS:
+        return False
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    module = sys.modules.get(type(model).__module__)
+    return module is not None and "create_bidirectional_mask" in vars(module)
 
 
 def enable_checkpointing(model: nn.Module) -> None:
