@@ -20,6 +20,10 @@ from torch import Tensor
 import gist_fast
 
 SESSION_SEED = int(os.environ.get("GIST_TEST_SEED", time.time_ns() % 2**31))
+# Processes started from this one (pytest-xdist's workers, tests' subprocesses) draw the same
+# inputs: without this each xdist worker took its own clock seed, and the seed in the run's header
+# replayed none of them.
+os.environ["GIST_TEST_SEED"] = str(SESSION_SEED)
 
 # Per-dtype tolerances against the float64 reference evaluated on the same (rounded) inputs.
 # The backends accumulate in float32, so the loss is float32-accurate whatever the input dtype;
@@ -151,14 +155,16 @@ def draw_random_problem(rng: random.Random, max_batch: int = 129, dims=DIMS) -> 
     return draw_problem(rng, batch, dim, guide_dim, rng.choice(NEGATIVE_COUNTS), options=options)
 
 
-def upstream_weight(problem: Problem, dtype: torch.dtype = torch.float64) -> Tensor:
-    """A random incoming gradient: a scalar for mean/sum, a (B,) vector for reduction='none'."""
+def upstream_weight(problem: Problem, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> Tensor:
+    """A random incoming gradient: a scalar for mean/sum, a (B,) vector for reduction='none'.
+
+    Drawn on the CPU (the same values on every device), returned on `device`."""
     gen = torch.Generator().manual_seed(SESSION_SEED)
     if problem.options.get("reduction", "mean") == "none":
         weight = torch.randn(problem.student[0].shape[0], generator=gen, dtype=torch.float64)
     else:
         weight = torch.rand((), generator=gen, dtype=torch.float64) + 0.5
-    return weight.to(dtype)
+    return weight.to(device=device, dtype=dtype)
 
 
 def loss_and_grads(loss_fn, problem: Problem, dtype: torch.dtype, **extra) -> tuple[Tensor, list[Tensor]]:
@@ -168,7 +174,7 @@ def loss_and_grads(loss_fn, problem: Problem, dtype: torch.dtype, **extra) -> tu
     negatives = student[2:] or None
     guide_negatives = guide[2:] or None
     loss = loss_fn(student[0], student[1], guide[0], guide[1], negatives, guide_negatives, **problem.options, **extra)
-    weight = upstream_weight(problem, loss.dtype)
+    weight = upstream_weight(problem, loss.dtype, loss.device)  # on the loss's device (a GPU's too)
     grads = torch.autograd.grad((loss * weight).sum(), student)
     return loss.detach(), list(grads)
 

@@ -81,9 +81,38 @@ def triton_loss(blocks: Blocks | Chunks | None = None):
 
 
 def check(problem: Problem, dtype: torch.dtype = torch.float32, blocks: Blocks | Chunks | None = None) -> None:
-    """Loss and gradients match the oracle (which runs on the CPU in float64)."""
+    """Loss and gradients match the oracle (float64, on the same device as the inputs)."""
     problem = on_device(problem)
     assert_matches_oracle(triton_loss(blocks), problem, dtype)
+
+
+def test_helpers_keep_the_inputs_device():
+    """The oracle helpers take every tensor's device from the inputs, so the suite runs on a GPU.
+
+    The first GPU run (benchmarks/results/gpu_nvidia-h200_2026-11-29/) failed every reduction='none'
+    problem at `loss * weight`: the upstream weight was drawn on the CPU, the loss was on cuda:0.
+    The meta device stands in for a GPU here: a CPU tensor meeting it fails the same way."""
+    import os
+
+    from problems import SESSION_SEED, upstream_weight
+
+    def per_row_dot(a, p, ga, gp, n, gn, reduction="mean", **options):
+        rows = (a * p).sum(dim=1) + sum((a * t).sum(dim=1) for t in n or [])
+        return rows if reduction == "none" else rows.sum()
+
+    rng = rng_for("helpers-device")
+    for reduction in ("none", "mean", "sum"):
+        problem = draw_problem(rng, 4, 3, 2, 1, options={"reduction": reduction})
+        on_meta = Problem([t.to("meta") for t in problem.student], [t.to("meta") for t in problem.guide],
+                          problem.options)  # fmt: skip
+        loss, grads = loss_and_grads(per_row_dot, on_meta, torch.float32)
+        assert loss.device.type == "meta" and all(g.device.type == "meta" for g in grads), reduction
+        weight = upstream_weight(problem, torch.float32, "meta")
+        assert weight.device.type == "meta" and weight.dtype == torch.float32
+        # The same values on every device: drawn on the CPU, then moved.
+        assert torch.equal(upstream_weight(problem, torch.float32), upstream_weight(problem).float())
+    # pytest-xdist's workers (the GPU suite runs with -n) inherit the seed the header prints.
+    assert os.environ["GIST_TEST_SEED"] == str(SESSION_SEED)
 
 
 @plan_param
