@@ -20,7 +20,10 @@ For each contrastive batch (default 4096, 16384, 65536; mini-batch 512) and each
 Each run trains 2 epochs of ``--steps-per-epoch`` steps (data of batch x steps rows) and reports
 the samples/s of the first epoch (gist-fast: the guide cache built in it) and of the second (cache
 warm), the peak GPU memory, and gist-fast's step split into tokenizing, encoding without grad, the
-loss and re-encoding with grad (the trainer's own ``phase_s`` in metrics.jsonl, CUDA events).
+loss and re-encoding with grad (the trainer's own ``phase_s`` in metrics.jsonl, CUDA events); for
+sentence-transformers the same three steps of ``CachedGISTEmbedLoss`` timed from outside (its
+forward, its ``calculate_loss_and_cache_gradients`` and its backward hook, a device sync around
+each), its encoding including the guide's pass.
 Then a bounded search for the largest batch each side fits: ``--fit-max`` (262144) first, halved
 after each out-of-memory down to the side's largest measured batch, one step each, with a
 one-layer guide of the same width (the step's memory does not depend on the guide's depth; it
@@ -80,6 +83,7 @@ SHAPES = {
     },
 }
 LR = 1e-4
+PHASES = ("tokenize", "encode", "loss", "reencode", "other")  # sentence-transformers tokenizes in its collator
 TEMPERATURE = 0.01
 BASE_ROWS = 32768  # distinct generated texts; more rows reuse them with the row number appended
 
@@ -258,20 +262,47 @@ def run_sentence_transformers(
     loss = CachedGISTEmbedLoss(model, guide_model, temperature=TEMPERATURE, mini_batch_size=ctx["mini"])
     step_s: list[float] = []
     epoch: list[int] = []
+    splits: list[dict[str, float]] = []
+    spans: dict[str, float] = {}
 
     def sync() -> None:
         if device == "cuda":
             torch.cuda.synchronize()
 
+    def timed(name, fn):  # their phases, timed from outside (a device sync on each side)
+        def wrapper(*a, **k):
+            sync()
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                sync()
+                spans[name] = spans.get(name, 0.0) + time.perf_counter() - t
+
+        return wrapper
+
+    # step (1) is their forward minus step (2); step (3) runs in their backward hook
+    loss.calculate_loss_and_cache_gradients = timed("loss", loss.calculate_loss_and_cache_gradients)
+    loss.forward = timed("forward", loss.forward)
+    module = sys.modules[type(loss).__module__]
+    real_hook = getattr(module, "_backward_hook", None)
+    if real_hook is not None:
+        module._backward_hook = timed("reencode", real_hook)
+
     class StepTimer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
             sync()
+            spans.clear()
             self.t = time.perf_counter()
             epoch.append(int(state.global_step // steps_per_epoch))
 
         def on_step_end(self, args, state, control, **kw):
             sync()
             step_s.append(time.perf_counter() - self.t)
+            split = {"encode": spans.get("forward", 0.0) - spans.get("loss", 0.0), "loss": spans.get("loss", 0.0)}
+            split["reencode"] = spans.get("reencode", 0.0)
+            split["other"] = max(0.0, step_s[-1] - sum(split.values()))
+            splits.append(split)
 
     args = Args(
         output_dir=str(work / "st-out"),
@@ -293,7 +324,11 @@ def run_sentence_transformers(
     trainer = SentenceTransformerTrainer(
         model=model, args=args, train_dataset=dataset, loss=loss, callbacks=[StepTimer()]
     )
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        if real_hook is not None:
+            module._backward_hook = real_hook
     wall = time.perf_counter() - t
     peak = _device_peak_mb(device)
     first = [s for s, e in zip(step_s, epoch, strict=True) if e == 0]
@@ -307,6 +342,10 @@ def run_sentence_transformers(
         "first_epoch_samples_per_s": rows / sum(first),
         "warm_samples_per_s": len(later) * batch / sum(later),
     }
+    warm = [sp for sp, e in zip(splits, epoch, strict=True) if e > 0] or splits
+    if warm and real_hook is not None:
+        res["split_s"] = {k: round(sum(sp[k] for sp in warm) / len(warm), 4) for k in warm[0]}
+        res["loss_share"] = round(res["split_s"]["loss"] / (sum(later) / len(later)), 4)
     del trainer, loss, model, guide_model
     return res
 
@@ -396,7 +435,7 @@ def to_markdown(report: dict) -> str:
     ]
     for r in report["rows"]:
         split = r.get("split_s")
-        split_txt = " / ".join(f"{split[k]:.3f}" for k in split) if split else "—"
+        split_txt = " / ".join(f"{split.get(k, 0.0):.3f}" for k in PHASES) if split else "—"
         batch = f"{r['batch']}{' (fit)' if r.get('fit') else ''}"
         lines.append(
             f"| {r['side']} | {batch} | {r['status'][:90]} | {_fmt(r.get('first_epoch_samples_per_s'))} | "

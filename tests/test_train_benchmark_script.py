@@ -43,6 +43,10 @@ def test_train_benchmark_smoke_run_reports_both_sides(tmp_path):
     for r in ours:
         assert set(r["split_s"]) == {"tokenize", "encode", "loss", "reencode", "other"}
         assert 0 < r["loss_share"] < 1 and r["guide_cache_s"] > 0
+    for r in main:
+        if r["side"] == "sentence-transformers":  # their three steps, timed from outside
+            assert set(r["split_s"]) == {"encode", "loss", "reencode", "other"}
+            assert r["split_s"]["encode"] > 0 and r["split_s"]["reencode"] > 0 and 0 < r["loss_share"] < 1
     assert [x["batch"] for x in report["ratios"]] == [16, 32]
     assert report["largest_fit"] == {"gist-fast": 64, "sentence-transformers": 64}
     assert report["tokens"]["positive"]["mean"] > report["tokens"]["anchor"]["mean"]
