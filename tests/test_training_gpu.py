@@ -132,20 +132,22 @@ def test_encode_batches_are_sorted_by_token_length_not_characters(tmp_path):
     torch.testing.assert_close(out, alone, rtol=1e-5, atol=1e-6)  # rows land where they belong
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
 @pytest.mark.parametrize("texts", [["value of the file", "a", "list dict string error module"], ["file", "data"]])
-def test_the_mask_reaches_the_model_ready_so_transformers_need_not_inspect_it(tmp_path, monkeypatch, texts):
+def test_the_mask_reaches_the_model_ready_so_transformers_need_not_inspect_it(tmp_path, monkeypatch, texts, device):
     """transformers checks a 2D mask for padding on the device (a host sync per mini-batch on CUDA);
     the encoder answers that on the host: a ready SDPA mask when padded, none when not. Same output."""
     import transformers.masking_utils as masking
 
     from gist_fast.training.encoders import pool, takes_prepared_mask
 
-    enc = make_tiny_encoder(tmp_path, dropout=0.0).eval()
+    enc = make_tiny_encoder(tmp_path, dropout=0.0).to(device).eval()
     assert takes_prepared_mask(enc.model)
     feats = enc.tokenize(texts)
     with torch.no_grad():
-        hidden = enc.model(**feats, return_dict=True).last_hidden_state  # the usual 2D-mask path
-        want = pool(hidden, feats["attention_mask"], enc.pooling)
+        on_device = {k: v.to(device) for k, v in feats.items()}
+        hidden = enc.model(**on_device, return_dict=True).last_hidden_state  # the usual 2D-mask path
+        want = pool(hidden, on_device["attention_mask"], enc.pooling)
         inspected = []
         real = masking._ignore_bidirectional_mask_sdpa
 
@@ -156,7 +158,7 @@ def test_the_mask_reaches_the_model_ready_so_transformers_need_not_inspect_it(tm
         monkeypatch.setattr(masking, "_ignore_bidirectional_mask_sdpa", inspecting)
         got = enc(feats)
     assert inspected == []
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6 if device == "cpu" else 1e-5)
     enc.model.config._attn_implementation = "eager"  # eager attention adds the mask: it keeps the 2D one
     assert not takes_prepared_mask(enc.model)
 
