@@ -11,7 +11,9 @@ replayed RNG state and the backward hook), take the same constructor arguments w
 defaults, and work inside ``MatryoshkaLoss``. Only the loss on the embeddings is replaced: it is
 computed by `gist_fast.gist_loss`, whose memory is linear in the batch (sentence-transformers builds
 B x N x d tensors to compute cosine similarities by broadcasting) and which runs a fused Triton kernel
-on CUDA. The extra ``backend`` argument picks the `gist_fast.gist_loss` backend. `MatryoshkaLoss`
+on CUDA. The extra ``backend`` argument picks the `gist_fast.gist_loss` backend. The model card a
+trained model gets names and links the loss as sentence-transformers' own card does, with its
+parameters, plus one line saying that gist-fast computed it (and with which backend). `MatryoshkaLoss`
 is sentence-transformers' own, except that around these losses it computes every dim in one pass.
 
 This module needs ``sentence-transformers`` (tested with 6.2 and 6.0.1; see
@@ -23,6 +25,7 @@ from __future__ import annotations
 import inspect
 import random
 import re
+import types
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
@@ -45,7 +48,15 @@ except ImportError:  # pragma: no cover - older sentence-transformers
             "pip install 'sentence-transformers>=5'"
         ) from error
 import sentence_transformers
-from sentence_transformers.util import batch_to_device
+from sentence_transformers.util import batch_to_device, fullname
+
+try:
+    from sentence_transformers.base.model_card import get_losses as _get_losses
+except ImportError:  # pragma: no cover - sentence-transformers < 6
+    try:
+        from sentence_transformers.model_card import get_losses as _get_losses
+    except ImportError:
+        _get_losses = None
 
 try:
     from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss as _STMatryoshkaLoss
@@ -135,7 +146,50 @@ def _columns(what: str, student: list[Tensor], guide: list[Tensor]) -> None:
         raise ValueError(f"reps and reps_guided must have the same length; got {len(student)} and {len(guide)}")
 
 
+def _sentence_transformers_class(cls: type) -> type:
+    """The first sentence-transformers class in `cls`'s ancestry: the one whose docs describe it."""
+    return next(base for base in cls.__mro__ if base.__module__.startswith("sentence_transformers."))
+
+
+def _compute_dataset_metrics(card: Any, dataset: Any, dataset_info: dict, loss: Any, *args, **kwargs) -> dict:
+    """sentence-transformers' ``compute_dataset_metrics`` (the model card's per-dataset entry), then
+    the entry of a gist-fast loss made to read as theirs: their class name with its link to their
+    documentation (the card links only classes of sentence-transformers' own modules), and a line
+    saying that gist-fast computed it and with which backend."""
+    info = type(card).compute_dataset_metrics(card, dataset, dataset_info, loss, *args, **kwargs)
+    ours = [part for part in _get_losses(loss) if type(part).__module__ == __name__]
+    if not ours or "loss" not in info:
+        return info
+    if type(loss).__module__ == __name__:
+        info["loss"]["fullname"] = fullname(_sentence_transformers_class(type(loss)))
+    computed = [part for part in ours if isinstance(part, (GISTEmbedLoss, CachedGISTEmbedLoss))]
+    if computed:
+        names = ", ".join(dict.fromkeys(f"`{fullname(part)}`" for part in computed))
+        backends = ", ".join(dict.fromkeys(repr(part.backend) for part in computed))
+        line = (
+            f"Computed by gist-fast's drop-in {names} (backend {backends}): the same loss and gradients, "
+            "with memory linear in the batch."
+        )
+        info["loss"]["config_code"] = info["loss"].get("config_code", "") + f"\n\n  {line}"
+    return info
+
+
+_compute_dataset_metrics.__name__ = "compute_dataset_metrics"  # a bound copy pickles by this name
+
+
+def _describe_on_model_card(model: Any) -> None:
+    """Route `model`'s model-card entries for its training datasets through
+    `_compute_dataset_metrics` (once per model; other losses' entries are left as they are)."""
+    card = getattr(model, "model_card_data", None)
+    if _get_losses is None or not hasattr(card, "compute_dataset_metrics"):
+        return
+    if "compute_dataset_metrics" not in vars(card):
+        card.compute_dataset_metrics = types.MethodType(_compute_dataset_metrics, card)
+
+
 class GISTEmbedLoss(_STGISTEmbedLoss):
+    backend: str = "auto"  # also for instances built without __init__ (cls.__new__ + attributes)
+
     def __init__(
         self,
         model,
@@ -235,6 +289,7 @@ class GISTEmbedLoss(_STGISTEmbedLoss):
             gather_across_devices=gather_across_devices,
         )
         self.backend = _check_backend(backend)
+        _describe_on_model_card(model)
 
     def embed(self, sentence_features: Iterable[dict[str, Tensor]]) -> tuple[list[Tensor], list[Tensor]]:
         """Student embeddings (with gradient) and guide embeddings (without) of every input column,
@@ -271,15 +326,14 @@ class GISTEmbedLoss(_STGISTEmbedLoss):
             backend=self.backend,
         )
 
-    def get_config_dict(self) -> dict[str, Any]:
-        return {**super().get_config_dict(), "backend": self.backend}
-
     @property
     def citation(self) -> str:
         return GIST_CITATION
 
 
 class CachedGISTEmbedLoss(_STCachedGISTEmbedLoss):
+    backend: str = "auto"  # also for instances built without __init__ (cls.__new__ + attributes)
+
     def __init__(
         self,
         model,
@@ -384,6 +438,7 @@ class CachedGISTEmbedLoss(_STCachedGISTEmbedLoss):
             **kwargs,
         )
         self.backend = _check_backend(backend)
+        _describe_on_model_card(model)
         _check_cached_retokenisation(self.must_retokenize, _ST_VERSION)
 
     def calculate_loss(
@@ -417,9 +472,6 @@ class CachedGISTEmbedLoss(_STCachedGISTEmbedLoss):
             loss.backward()
             loss = loss.detach()
         return loss
-
-    def get_config_dict(self) -> dict[str, Any]:
-        return {**super().get_config_dict(), "backend": self.backend}
 
     @property
     def citation(self) -> str:
