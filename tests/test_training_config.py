@@ -121,6 +121,10 @@ def test_python_values_are_checked_naming_the_field():
             TrainConfig(**kw).validate()
     with pytest.raises(ValueError, match="^device: must be"):
         TrainConfig(device="gpu0").validate()
+    with pytest.raises(ValueError, match="^positive_column: column 'anchor' is used twice"):
+        TrainConfig(positive_column="anchor").validate()
+    with pytest.raises(ValueError, match="^negative_columns: column 'n' is used twice"):
+        TrainConfig(negative_columns=["n", "n"]).validate()
     c = TrainConfig(lr=1, max_grad_norm=None)
     c.validate()
     assert isinstance(c.lr, float) and c.max_grad_norm is None

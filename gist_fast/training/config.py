@@ -29,11 +29,14 @@ class Option:
 
     Attributes:
         name: the :class:`TrainConfig` field (the flag is ``--`` + name with dashes).
-        kind: ``"str"``, ``"int"``, ``"float"``, ``"bool"`` or ``"strs"`` (a list of strings).
+        kind: ``"str"``, ``"int"``, ``"float"``, ``"bool"``, ``"strs"`` (a list of strings), ``"ints"``
+            (a list of distinct integers) or ``"floats"`` (a list of finite numbers); on the command line
+            the two lists of numbers are comma-separated (``--matryoshka-dims 768,512,256``).
         default: the value when the option is not given.
         help: one line for ``--help``.
         optional: None is allowed (and means what ``help`` says).
-        minimum / above / maximum: inclusive lower, exclusive lower and inclusive upper bounds.
+        minimum / above / maximum: inclusive lower, exclusive lower and inclusive upper bounds (of
+            each entry, for the lists of numbers).
         choices: the allowed strings (a tuple, or a function returning them).
     """
 
@@ -62,6 +65,8 @@ class Option:
             "float": "a finite number",
             "bool": "true or false",
             "strs": "a list of column names",
+            "ints": "a non-empty list of distinct integers",
+            "floats": "a non-empty list of finite numbers",
         }[self.kind]
         if self.allowed() is not None:
             kind = "one of " + ", ".join(self.allowed())
@@ -82,36 +87,57 @@ class Option:
             if self.optional:
                 return None
             raise ValueError(f"{label}: must be {self.describe()}; got none")
-        ok = {
-            "str": lambda v: isinstance(v, str) and v.strip() != "",
-            "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-            "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
-            "bool": lambda v: isinstance(v, bool),
-            "strs": lambda v: isinstance(v, (list, tuple)) and all(isinstance(s, str) and s.strip() for s in v),
-        }[self.kind](value)
+        if self.kind in ("ints", "floats"):  # each entry checked as an int / float option's value
+            entry = _IS[self.kind[:-1]]
+            ok = (
+                isinstance(value, (list, tuple))
+                and len(value) > 0
+                and all(entry(v) and self._in_bounds(v) for v in value)
+                and (self.kind == "floats" or len(set(value)) == len(value))
+            )
+        else:
+            ok = _IS[self.kind](value)
         if ok and self.allowed() is not None:
             ok = value in self.allowed()
         if ok and self.kind in ("int", "float"):
-            ok = (
-                (self.minimum is None or value >= self.minimum)
-                and (self.above is None or value > self.above)
-                and (self.maximum is None or value <= self.maximum)
-            )
+            ok = self._in_bounds(value)
         if not ok:
             raise ValueError(f"{label}: must be {self.describe()}; got {_show(value)}")
         if self.kind == "float":
             return float(value)
-        if self.kind == "strs":
+        if self.kind == "floats":
+            return [float(v) for v in value]
+        if self.kind in ("strs", "ints"):
             return list(value)
         return value
 
+    def _in_bounds(self, value: float) -> bool:
+        return (
+            (self.minimum is None or value >= self.minimum)
+            and (self.above is None or value > self.above)
+            and (self.maximum is None or value <= self.maximum)
+        )
+
     def parse(self, text: str) -> Any:
-        """A command-line string to a checked value; ValueError ``"must be <what>; got <text>"``."""
+        """A command-line string to a checked value (lists of numbers comma-separated: ``768,512``);
+        ValueError ``"must be <what>; got <text>"``."""
         try:
+            if self.kind in ("ints", "floats"):
+                convert = {"ints": int, "floats": float}[self.kind]
+                return self.check([convert(part) for part in text.split(",")], "")
             value: Any = {"int": int, "float": float}.get(self.kind, str)(text)
             return self.check(value, "")
         except ValueError:
             raise ValueError(f"must be {self.describe()}; got {text}") from None
+
+
+_IS: dict[str, Callable[[Any], bool]] = {  # whether a value has an option kind's type
+    "str": lambda v: isinstance(v, str) and v.strip() != "",
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+    "bool": lambda v: isinstance(v, bool),
+    "strs": lambda v: isinstance(v, (list, tuple)) and all(isinstance(s, str) and s.strip() for s in v),
+}
 
 
 def _show(value: Any) -> str:
@@ -166,6 +192,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("contrast_anchors", "bool", True, "contrast each anchor with the batch's other anchors"),
     Option("contrast_positives", "bool", True, "contrast each positive with the batch's other positives"),
     Option("loss_backend", "str", "auto", "gist_loss backend", choices=_backend_names),
+    Option("matryoshka_dims", "ints", None, "Matryoshka: train (and evaluate) the embeddings truncated to each of "
+           "these sizes, e.g. 768,512,256,128,64 (at most the student's embedding dim)", optional=True, minimum=1),
+    Option("matryoshka_weights", "floats", None, "weight of each --matryoshka-dims size in the loss, e.g. "
+           "1,1,1,1,1 (none: all 1)", optional=True, above=0),
     # machinery
     Option("device", "str", "auto", "auto (CUDA when available), cpu, cuda, cuda:1, ..."),
     Option("threads", "int", None, "CPU threads for torch (none: torch's choice; 1 can be faster on a busy "
@@ -214,7 +244,10 @@ class TrainConfig:
         max_seq_length: the student's token limit; guide_max_seq_length: the guide's (None: its own).
         seed: shuffling, dropout and initialisation seed. drop_last: drop a short last batch.
 
-    Loss: temperature, margin_strategy, margin, contrast_anchors, contrast_positives, loss_backend.
+    Loss: temperature, margin_strategy, margin, contrast_anchors, contrast_positives, loss_backend;
+        matryoshka_dims (None, or distinct sizes m: the loss is the sum over m of the loss of the
+        embeddings truncated to their first m features, and evaluation reports metrics per m) and
+        matryoshka_weights (one positive weight per size; None: all 1).
 
     Machinery: device ("auto": CUDA when available), threads (torch CPU threads; None: its default),
         bf16 ("auto": on CUDA), gradient_checkpointing,
@@ -261,6 +294,8 @@ class TrainConfig:
     contrast_anchors: bool = True
     contrast_positives: bool = True
     loss_backend: str = "auto"
+    matryoshka_dims: list[int] | None = None
+    matryoshka_weights: list[float] | None = None
 
     device: str = "auto"
     threads: int | None = None
@@ -294,6 +329,29 @@ class TrainConfig:
         """
         for option in OPTIONS:
             setattr(self, option.name, option.check(getattr(self, option.name), self.label(option.name)))
+        if self.matryoshka_weights is not None:
+            if self.matryoshka_dims is None:
+                raise ValueError(
+                    f"{self.label('matryoshka_weights')}: given without {self.label('matryoshka_dims')} "
+                    "(one weight per Matryoshka size)"
+                )
+            if len(self.matryoshka_weights) != len(self.matryoshka_dims):
+                raise ValueError(
+                    f"{self.label('matryoshka_weights')}: must hold one weight per entry of "
+                    f"{self.label('matryoshka_dims')} ({len(self.matryoshka_dims)}); got "
+                    f"{len(self.matryoshka_weights)}: {_show(self.matryoshka_weights)}"
+                )
+        columns = [
+            ("anchor_column", self.anchor_column),
+            ("positive_column", self.positive_column),
+            *(("negative_columns", c) for c in self.negative_columns or []),
+        ]
+        for k, (name, column) in enumerate(columns):
+            if any(column == other for _, other in columns[:k]):
+                raise ValueError(
+                    f"{self.label(name)}: column {column!r} is used twice; the anchor, positive and negative "
+                    "columns must be different columns"
+                )
         if not isinstance(self.extra, dict):
             raise ValueError(f"extra: must be a dict; got {_show(self.extra)}")
         if self.device != "auto":
