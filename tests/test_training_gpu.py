@@ -182,7 +182,7 @@ def test_cuda_steps_bf16_triton_log_the_peak_memory(tmp_path, models, monkeypatc
     trainer = Trainer(cfg)
     assert trainer.autocast_dtype == torch.bfloat16  # bf16 "auto" is on for CUDA
     trainer.train()
-    assert chosen and set(chosen) == {"triton"}  # backend "auto": the Triton loss on CUDA
+    assert chosen and set(chosen) <= {"triton", "triton_chunked"}, chosen  # "auto": a Triton plan on CUDA
     log = _log(tmp_path / "gpu")
     start = next(r for r in log if r.get("event") == "start")
     assert start["config"]["loss_backend"] == "auto"
