@@ -289,7 +289,17 @@ def run_sentence_transformers(
     if real_hook is not None:
         module._backward_hook = timed("reencode", real_hook)
 
+    epoch_s: list[float] = []
+
     class StepTimer(TrainerCallback):
+        def on_epoch_begin(self, args, state, control, **kw):
+            sync()
+            self.epoch_t = time.perf_counter()
+
+        def on_epoch_end(self, args, state, control, **kw):
+            sync()
+            epoch_s.append(time.perf_counter() - self.epoch_t)
+
         def on_step_begin(self, args, state, control, **kw):
             sync()
             spans.clear()
@@ -339,8 +349,10 @@ def run_sentence_transformers(
         "step_s": [round(s, 4) for s in step_s],
         "epoch": epoch,
         "peak_gpu_mb": peak,
-        "first_epoch_samples_per_s": rows / sum(first),
-        "warm_samples_per_s": len(later) * batch / sum(later),
+        "epoch_s": [round(e, 4) for e in epoch_s],
+        # whole epochs (their collator tokenizes between steps, outside the step timer)
+        "first_epoch_samples_per_s": rows / epoch_s[0],
+        "warm_samples_per_s": rows / (epoch_s[1] if len(epoch_s) > 1 else epoch_s[0]),
     }
     warm = [sp for sp, e in zip(splits, epoch, strict=True) if e > 0] or splits
     if warm and real_hook is not None:

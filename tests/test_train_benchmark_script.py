@@ -45,7 +45,7 @@ def test_train_benchmark_smoke_run_reports_both_sides(tmp_path):
         assert 0 < r["loss_share"] < 1 and r["guide_cache_s"] > 0
     for r in main:
         if r["side"] == "sentence-transformers":  # their three steps, timed from outside
-            assert set(r["split_s"]) == {"encode", "loss", "reencode", "other"}
+            assert set(r["split_s"]) == {"encode", "loss", "reencode", "other"} and len(r["epoch_s"]) == 2
             assert r["split_s"]["encode"] > 0 and r["split_s"]["reencode"] > 0 and 0 < r["loss_share"] < 1
     assert [x["batch"] for x in report["ratios"]] == [16, 32]
     assert report["largest_fit"] == {"gist-fast": 64, "sentence-transformers": 64}
