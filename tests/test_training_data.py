@@ -131,14 +131,12 @@ def test_a_bad_file_is_named_in_one_line(tmp_path, name, content, named):
     assert msg.startswith(str(path)) and named in msg and "\n" not in msg, msg
 
 
-def test_csv_values_are_the_texts_as_written(tmp_path):
+def test_files_are_read_as_written(tmp_path):
+    """CSV values stay the texts written (no number or null guessing); a .json file may hold a list."""
     path = tmp_path / "d.tsv"
     path.write_text('anchor\tpositive\tnegative\n3\t1e5\tnull\n\ufeffx\t"quoted\ttab"\tn\n')
     d = load_pairs(path)
     assert (d.anchors, d.positives, d.negatives) == (["3", "\ufeffx"], ["1e5", "quoted\ttab"], [["null", "n"]])
-
-
-def test_json_list_file(tmp_path):
     path = tmp_path / "d.json"
     path.write_text(json.dumps(ROWS, indent=2))
     assert load_pairs(path).anchors == ["a0", "a1", "a2"]
@@ -240,3 +238,17 @@ def test_no_step_on_fewer_than_two_rows(tiny_models, capsys):
     assert "rows share a text with every batch of the epoch and are left out" in err
     results = json.loads((tiny_models / "out" / "results.json").read_text())
     assert len(results["warnings"]) == 1
+
+
+def test_the_trainer_asks_for_one_row_per_process(tmp_path):
+    """Under torchrun with 3 processes a batch needs 3 rows (each rank encodes its slice): an epoch's
+    2-row tail joins the batch before instead of giving a step that every rank skips."""
+    from gist_fast.training import TrainConfig, Trainer
+    from gist_fast.training import distributed as dtrain
+
+    trainer = Trainer(TrainConfig(output=str(tmp_path / "o"), batch_size=6, progress=False))
+    trainer.dist = dtrain.DistInfo(rank=0, world=3)
+    trainer._check_trainable(load_pairs({"anchor": [f"a{i}" for i in range(8)], "positive": list("pqrstuvw")}))
+    assert trainer._sampler.min_rows == 3
+    assert [len(b) for b in trainer._sampler.epoch(0)] == [8]
+    assert not (tmp_path / "o").exists()

@@ -188,9 +188,11 @@ def check_batch_size(info: DistInfo, batch_size: int) -> None:
 def shard_rows(info: DistInfo, rows: list[int]) -> list[int]:
     """This rank's slice of a global batch: ``rows[rank·b:(rank+1)·b]``, ``b = len(rows) // world``.
 
-    A short batch (the end of an epoch) loses its last ``len(rows) % world`` rows so that every
-    rank holds the same number of rows (the gathered loss needs it); fewer rows than processes give
-    an empty slice on every rank (the caller skips that step).
+    A batch whose length is not a multiple of ``world`` (an epoch's short tail, or a batch that took
+    in a one-row tail) loses its last ``len(rows) % world`` rows so that every rank holds the same
+    number of rows (the gathered loss needs it). The trainer's batches have at least ``world`` rows
+    (``NoDuplicatesBatches(min_rows=world)``); fewer would give an empty slice on every rank (the
+    caller then skips the step).
     """
     if not info.enabled:
         return rows
