@@ -60,6 +60,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                            help=_help(option, DEFAULT_RUN))  # fmt: skip
         else:
             metavar = "{" + ",".join(option.allowed()) + "}" if option.allowed() else None
+            metavar = {"ints": "M[,M...]", "floats": "W[,W...]"}.get(option.kind, metavar)
             p.add_argument(option.flag, dest=option.name, type=_cli_type(option), default=None, metavar=metavar,
                            help=_help(option, DEFAULT_RUN))  # fmt: skip
 
@@ -90,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ... (default auto)"
     )
+    ev.add_argument("--truncate-dim", metavar="M",
+                    type=_cli_type(Option("truncate_dim", "int", None, "", minimum=1)),
+                    help="score the embeddings truncated to their first M features (Matryoshka)")  # fmt: skip
+    ev.add_argument("--matryoshka-dims", metavar="M[,M...]",
+                    type=_cli_type(Option("matryoshka_dims", "ints", None, "", minimum=1)),
+                    help="also score the embeddings truncated to each size (default: the sizes the model "
+                    "was trained with, when it records them)")  # fmt: skip
     ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
     return parser
 
@@ -123,7 +131,7 @@ def train_config_from_args(args: argparse.Namespace):
 
 def _train(args: argparse.Namespace) -> int:
     from .training import distributed as dtrain
-    from .training.evaluation import format_metrics
+    from .training.evaluation import format_dim_metrics, format_metrics
     from .training.gradcache import NonFiniteLossError
     from .training.trainer import Trainer, TrainingInterrupted
 
@@ -150,6 +158,8 @@ def _train(args: argparse.Namespace) -> int:
     for when in ("guide", "before", "after"):
         if when in results:
             print(f"{when:>6}: {format_metrics(results[when])}")
+            for line in format_dim_metrics(results[when]):  # Matryoshka sizes
+                print(f"        {line}")
     print(f"model: {results['output']}")
     return 0
 
@@ -157,7 +167,8 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from .training.data import load_pairs
     from .training.encoders import load_encoder
-    from .training.evaluation import evaluate, format_metrics
+    from .training.evaluation import evaluate, format_dim_metrics, format_metrics
+    from .training.matryoshka import check_dims_fit, recorded_dims
     from .training.trainer import resolve_device
 
     data = load_pairs(  # first: a bad file is named before the model is loaded
@@ -168,11 +179,23 @@ def _eval(args: argparse.Namespace) -> int:
         split=args.data_split,
     )
     encoder = load_encoder(args.model, max_seq_length=args.max_seq_length, device=resolve_device(args.device))
-    metrics = evaluate(encoder, data, batch_size=args.batch_size, progress=not args.json)
+    dims = args.matryoshka_dims
+    if dims is None and args.truncate_dim is None:  # the sizes the model was trained with, if it records them
+        dims = recorded_dims(args.model)
+    what = f"the model {args.model}"
+    check_dims_fit([args.truncate_dim] if args.truncate_dim else None, encoder.dim, "--truncate-dim", what)
+    check_dims_fit(args.matryoshka_dims, encoder.dim, "--matryoshka-dims", what)
+    check_dims_fit(dims, encoder.dim, f"{args.model}: recorded matryoshka_dims", what)
+    metrics = evaluate(
+        encoder, data, batch_size=args.batch_size, progress=not args.json, dims=dims, truncate_dim=args.truncate_dim
+    )
     if args.json:
         print(json.dumps(metrics))
     else:
-        print(f"{format_metrics(metrics)}  [{metrics['queries']} queries, {metrics['corpus']} documents]")
+        size = f", dim {args.truncate_dim}" if args.truncate_dim else ""
+        print(f"{format_metrics(metrics)}  [{metrics['queries']} queries, {metrics['corpus']} documents{size}]")
+        for line in format_dim_metrics(metrics):
+            print(f"  {line}")
     return 0
 
 

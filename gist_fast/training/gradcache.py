@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +35,15 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class LossOptions:
-    """Options forwarded to :func:`gist_fast.gist_loss` (see its docstring)."""
+    """Options forwarded to :func:`gist_fast.gist_loss` (see its docstring).
+
+    With ``matryoshka_dims`` the step's loss, and so the embedding gradients it caches, are the
+    Matryoshka loss's (the weighted sum over sizes m of the loss of the first m features).
+
+    Example:
+        >>> LossOptions(temperature=0.05, matryoshka_dims=(32, 16)).kwargs()["matryoshka_dims"]
+        (32, 16)
+    """
 
     temperature: float = 0.01
     margin_strategy: str = "absolute"
@@ -43,6 +52,8 @@ class LossOptions:
     contrast_positives: bool = True
     backend: str = "auto"
     gather_across_devices: bool = False
+    matryoshka_dims: Sequence[int] | None = None
+    matryoshka_weights: Sequence[float] | None = None
 
     def kwargs(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -137,7 +148,7 @@ def gradcache_step(
         columns: ``[anchors, positives, negatives_1, ...]``, B strings each.
         guide_columns: the guide's embeddings of the same columns, (B, dg) each, on the student's device.
         mini_batch_size: texts per encoder forward pass (activation memory scales with it).
-        loss_options: forwarded to :func:`gist_fast.gist_loss`.
+        loss_options: forwarded to :func:`gist_fast.gist_loss` (Matryoshka sizes included).
         autocast_dtype: e.g. ``torch.bfloat16`` on CUDA; None runs in the weights' dtype.
         sort_by_length: group texts of similar token length into mini-batches (less padding).
         phases: a :class:`StepPhases` to time the step's phases (read it after the step).

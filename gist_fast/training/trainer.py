@@ -19,10 +19,11 @@ from .checkpoint import latest_checkpoint, load_state, prune_checkpoints, save_c
 from .config import TrainConfig
 from .data import BatchSchedule, NoDuplicatesBatches, PairData, load_pairs
 from .encoders import Encoder, enable_checkpointing, load_encoder
-from .evaluation import evaluate, format_metrics
+from .evaluation import evaluate, format_dim_metrics, format_metrics
 from .files import WriteError, atomic_write_text
 from .gradcache import LossOptions, NonFiniteLossError, StepPhases, gradcache_step
 from .guide_cache import load_or_compute_guide
+from .matryoshka import RecordingDims, check_dims_fit, embedding_dim
 from .rundir import RunLock, prepare_run_directory
 
 
@@ -228,6 +229,15 @@ class Trainer:
         if student is not None:
             guide, guide_label = student, "student"  # else the default student: the guide's first layers
         preflight.check_seq_length(guide, cfg.label(guide_label), cfg.max_seq_length, cfg.label("max_seq_length"))
+        if cfg.matryoshka_dims is not None:  # sizes up to the student's (the default one: the guide's) embedding dim
+            named = isinstance(guide, (str, Path))
+            check_dims_fit(
+                cfg.matryoshka_dims,
+                embedding_dim(preflight.model_config(guide, cfg.label(guide_label)) if named else guide),
+                cfg.label("matryoshka_dims"),
+                ("the student " if guide_label == "student" else "the default student, from the guide ")
+                + (str(guide) if named else f"(in memory, a {type(guide).__name__})"),
+            )
         if self._train_in is None and cfg.data is not None:
             self._train_in = self._load_data(cfg.data, "train", cfg.max_train_rows)
         if self._eval_in is None and cfg.eval_data is not None:
@@ -340,8 +350,9 @@ class Trainer:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             self._loop(student, train, table, log, resume_from)
-            if info.is_main:
-                save_final_model(student, self.output)  # atomic, with a checksum manifest
+            if info.is_main:  # atomic, with a checksum manifest; records the Matryoshka sizes when trained with them
+                dims = cfg.matryoshka_dims
+                save_final_model(student if dims is None else RecordingDims(student, dims), self.output)
             self._say(f"final model saved in {self.output}")
             if held is not None and info.is_main:
                 self.results["after"] = self._evaluate(student, held, log, "after")
@@ -358,9 +369,14 @@ class Trainer:
         return self.results
 
     def _evaluate(self, encoder: Encoder, held: PairData, log: MetricsLog, when: str) -> dict:
-        m = evaluate(encoder, held, batch_size=self.config.eval_batch_size, dtype=self.autocast_dtype, progress=False)
+        dims = self.config.matryoshka_dims if encoder is self.student else None  # not the guide's sizes
+        m = evaluate(
+            encoder, held, batch_size=self.config.eval_batch_size, dtype=self.autocast_dtype, progress=False, dims=dims
+        )
         log.write(event="eval", when=when, **m)
         self._say(f"eval ({when}): {format_metrics(m)}  [{m['queries']} queries, {m['corpus']} documents]")
+        for line in format_dim_metrics(m):  # Matryoshka: the embeddings truncated to each size
+            self._say(f"  {line}")
         return m
 
     def _loop(self, student: Encoder, train: PairData, table, log: MetricsLog, resume_from: Path | None) -> None:
@@ -401,6 +417,8 @@ class Trainer:
             contrast_positives=cfg.contrast_positives,
             backend=cfg.loss_backend,
             gather_across_devices=self.dist.enabled,  # each rank scores its anchors against all ranks' candidates
+            matryoshka_dims=cfg.matryoshka_dims,
+            matryoshka_weights=cfg.matryoshka_weights,
         )
         student.train()
         columns = train.columns()
