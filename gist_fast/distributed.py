@@ -2,7 +2,7 @@
 
 With ``gather_across_devices=True`` every process scores its own B anchors against the candidates
 of all W processes: positives, negatives and their guide embeddings are all-gathered (P = W·B rows),
-the anchors stay local, and anchor i's positive sits at column ``rank·B + i`` (DESIGN.md section 1).
+the anchors stay local, and anchor i's positive sits at column ``rank·B + i`` (docs/loss.md).
 
 The gradient semantics are those of ``torch.distributed.nn.all_gather``, which sentence-transformers'
 ``all_gather_with_grad`` uses: the gradient that reaches a process's local candidates is the sum,

@@ -34,3 +34,8 @@ def one_thread():
 
 def pytest_report_header(config):
     return f"gist-fast random inputs: GIST_TEST_SEED={SESSION_SEED} (set it to replay this run)"
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The seed again at the end, where `pytest -q` (as `make test` runs it, header hidden) shows it too."""
+    terminalreporter.write_line(pytest_report_header(None))
