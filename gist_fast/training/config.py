@@ -193,9 +193,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("contrast_positives", "bool", True, "contrast each positive with the batch's other positives"),
     Option("loss_backend", "str", "auto", "gist_loss backend", choices=_backend_names),
     Option("matryoshka_dims", "ints", None, "Matryoshka: train (and evaluate) the embeddings truncated to each of "
-           "these sizes, e.g. 768,512,256,128,64 (at most the student's embedding dim)", optional=True, minimum=1),
-    Option("matryoshka_weights", "floats", None, "weight of each --matryoshka-dims size in the loss, e.g. "
-           "1,1,1,1,1 (none: all 1)", optional=True, above=0),
+           "these sizes, e.g. 768,512,256,128,64, each at most the student's embedding dim; none: the full "
+           "embeddings only", optional=True, minimum=1),
+    Option("matryoshka_weights", "floats", None, "positive weight of each --matryoshka-dims size in the loss, "
+           "e.g. 1,1,0.5,0.5,0.25; none: all 1", optional=True, above=0),
     # machinery
     Option("device", "str", "auto", "auto (CUDA when available), cpu, cuda, cuda:1, ..."),
     Option("threads", "int", None, "CPU threads for torch (none: torch's choice; 1 can be faster on a busy "
