@@ -129,6 +129,9 @@ def test_encode_batches_are_sorted_by_token_length_not_characters(tmp_path):
     assert widths == [(2, ranked[0]), (2, ranked[2]), (2, ranked[4])]  # the least padding there is
     alone = torch.cat([enc.encode([t]) for t in texts])
     torch.testing.assert_close(out, alone, rtol=1e-5, atol=1e-6)  # rows land where they belong
+    assert enc.encode([]).shape == (0, enc.dim)
+    with pytest.raises(ValueError, match="batch_size must be >= 1; got 0"):
+        enc.encode(texts, batch_size=0)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
