@@ -47,7 +47,9 @@ def gist_loss(
         negatives: None, one (B, d) tensor, a (k, B, d) tensor or a sequence of k (B, d) tensors:
             the student's hard-negative columns.
         guide_negatives: the guide's embeddings of the same k columns, (B, dg) each.
-        temperature: logit scale is 1 / temperature; must be finite and > 0.
+        temperature: logit scale is 1 / temperature; must be finite and >= 1e-4
+            (``gist_fast.inputs.MIN_TEMPERATURE``: below it float32 round-off takes over the
+            gradients, see docs/loss.md).
         margin_strategy: ``"absolute"`` or ``"relative"``.
         margin: margin of the false-negative filter (may be negative).
         contrast_anchors: add the anchor-anchor block.
@@ -88,7 +90,8 @@ def gist_loss(
 
     Raises:
         ValueError / TypeError naming the argument for inconsistent shapes, dtypes or devices, an
-        empty batch, NaN or Inf embeddings, or an invalid option.
+        empty batch, NaN or Inf embeddings, a row whose squared norm overflows the compute dtype
+        (named with its row), or an invalid option. docs/loss.md states the loss in full.
 
     Example:
         >>> import torch, gist_fast
