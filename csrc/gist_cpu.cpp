@@ -27,6 +27,8 @@
 #include <exception>
 #include <limits>
 #include <mutex>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #ifdef _OPENMP
@@ -82,18 +84,25 @@ GIST_INLINE double exp_approx(double x) { return std::exp(x); }
 
 // ---------------------------------------------------------------------------------------------
 // The fused sweeps over one row of a tile. `s` and `g` are the student and guide cosines of the
-// row against the tile's columns; a column is masked when g > thr (strict: ties are kept). The
-// never-masked target column is patched by the caller, outside the vector loop. The output may be
-// the student row itself (each j reads s_j before writing w_j; `omp simd` vouches for that).
+// row against the tile's columns; a column is masked when g > thr (strict), except an exact tie:
+// where the column's guide-row id `cid[j]` is the row's tie id `tie` (the logit's guide pair is
+// the pair that defines thr), the row's exact decision `tie_masked` applies (gist_fast/backends/
+// ties.py). The never-masked target column is patched by the caller, outside the vector loop. The
+// output may be the student row itself (each j reads s_j before writing w_j; `omp simd` vouches).
+
+template <typename T>
+GIST_INLINE bool guide_masks(T g, T thr, int32_t cid, int32_t tie, bool tie_masked) {
+  return cid == tie ? tie_masked : g > thr;
+}
 
 // w_j = s_j / tau, or -inf where masked; returns max_j w_j (-inf when every entry is masked).
 #define GIST_DEFINE_MASK_MAX(T)                                                                   \
-  GIST_CLONES T mask_row_max(const T* s, const T* __restrict g, T* w,      \
-                             int64_t n, T thr, T inv_tau) {                                       \
+  GIST_CLONES T mask_row_max(const T* s, const T* __restrict g, const int32_t* __restrict cid, T* w, \
+                             int64_t n, T thr, int32_t tie, bool tie_masked, T inv_tau) {         \
     const T ninf = -std::numeric_limits<T>::infinity();                                           \
     T mx = ninf;                                                                                  \
     _Pragma("omp simd reduction(max : mx)") for (int64_t j = 0; j < n; ++j) {                    \
-      const T z = g[j] > thr ? ninf : s[j] * inv_tau;                                             \
+      const T z = guide_masks(g[j], thr, cid[j], tie, tie_masked) ? ninf : s[j] * inv_tau;        \
       w[j] = z;                                                                                   \
       mx = std::max(mx, z);                                                                       \
     }                                                                                             \
@@ -114,11 +123,11 @@ GIST_INLINE double exp_approx(double x) { return std::exp(x); }
 
 // Pass 2: out_j = exp(s_j / tau - lse) * scale, 0 where masked (the softmax times the row weight).
 #define GIST_DEFINE_PROB(T)                                                                       \
-  GIST_CLONES void prob_row(const T* s, const T* __restrict g, T* out,     \
-                            int64_t n, T thr, T inv_tau, T lse, T scale) {                        \
+  GIST_CLONES void prob_row(const T* s, const T* __restrict g, const int32_t* __restrict cid, T* out, \
+                            int64_t n, T thr, int32_t tie, bool tie_masked, T inv_tau, T lse, T scale) { \
     _Pragma("omp simd") for (int64_t j = 0; j < n; ++j) {                                         \
       const T e = exp_approx(s[j] * inv_tau - lse) * scale;                                       \
-      out[j] = g[j] > thr ? T(0) : e;                                                             \
+      out[j] = guide_masks(g[j], thr, cid[j], tie, tie_masked) ? T(0) : e;                        \
     }                                                                                             \
   }
 
@@ -130,17 +139,19 @@ GIST_DEFINE_PROB(float)
 GIST_DEFINE_PROB(double)
 
 // The guide mask of one row of a tile as bits (1 = masked) at columns c0 .. c0 + n of the row's
-// words, and back as 0/1 values (so that prob_row with thr = 1/2 reads it like guide cosines).
+// words, and back as 0/1 values (so that prob_row with thr = 1/2 and no tie id reads it like
+// guide cosines).
 template <typename T>
-void pack_mask_row(const T* g, T thr, int64_t n, int64_t c0, uint64_t* words) {
+void pack_mask_row(const T* g, const int32_t* cid, T thr, int32_t tie, bool tie_masked, int64_t n, int64_t c0,
+                   uint64_t* words) {
   int64_t j = 0;
   auto one = [&](int64_t jj) {
-    if (g[jj] > thr) words[(c0 + jj) >> 6] |= uint64_t(1) << ((c0 + jj) & 63);
+    if (guide_masks(g[jj], thr, cid[jj], tie, tie_masked)) words[(c0 + jj) >> 6] |= uint64_t(1) << ((c0 + jj) & 63);
   };
   for (; j < n && ((c0 + j) & 63) != 0; ++j) one(j);
   for (; j + 64 <= n; j += 64) {
     uint64_t w = 0;
-    for (int l = 0; l < 64; ++l) w |= uint64_t(g[j + l] > thr) << l;
+    for (int l = 0; l < 64; ++l) w |= uint64_t(guide_masks(g[j + l], thr, cid[j + l], tie, tie_masked)) << l;
     words[(c0 + j) >> 6] |= w;
   }
   for (; j < n; ++j) one(j);
@@ -176,6 +187,7 @@ struct Options {
 struct Problem {
   std::vector<at::Tensor> student;  // normalised, contiguous, compute dtype
   std::vector<at::Tensor> guide;
+  std::vector<at::Tensor> ids;  // int32 id of every guide row, per input (equal ids: bitwise-equal rows)
   std::vector<at::Tensor> inv_norm;  // 1 / max(||x||, eps) of the student rows
   std::vector<at::Tensor> norm;      // ||x|| of the student rows
   std::vector<Block> blocks;
@@ -189,6 +201,13 @@ struct Problem {
   at::Tensor rows(const std::vector<at::Tensor>& side, int which, int64_t r0, int64_t n) const {
     return side[which].narrow(0, r0 + (which == kPositive ? offset : 0), n);
   }
+
+  // The tie id of anchor row i in a block whose rows come from `row_input`: the id of the other
+  // guide row of the threshold pair (ga_i, gp_{o+i}): gp_{o+i} for anchor rows, ga_i for PP rows.
+  int32_t row_tie(int row_input, int64_t i) const {
+    return row_input == kPositive ? ids[kAnchor].data_ptr<int32_t>()[i]
+                                  : ids[kPositive].data_ptr<int32_t>()[offset + i];
+  }
 };
 
 at::ScalarType compute_dtype(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b) {
@@ -198,10 +217,14 @@ at::ScalarType compute_dtype(const std::vector<at::Tensor>& a, const std::vector
   return at::kFloat;
 }
 
-Problem prepare(const std::vector<at::Tensor>& student, const std::vector<at::Tensor>& guide, const Options& opt,
-                bool keep_norms) {
+Problem prepare(const std::vector<at::Tensor>& student, const std::vector<at::Tensor>& guide,
+                const std::vector<at::Tensor>& ids, const Options& opt, bool keep_norms) {
   TORCH_CHECK(student.size() >= 2 && student.size() == guide.size(),
               "gist_fast cpp: expected [anchor, positive, *negatives] for student and guide");
+  TORCH_CHECK(ids.size() == guide.size(), "gist_fast cpp: expected one id vector per guide input");
+  for (size_t x = 0; x < ids.size(); ++x)
+    TORCH_CHECK(ids[x].scalar_type() == at::kInt && ids[x].dim() == 1 && ids[x].size(0) == guide[x].size(0),
+                "gist_fast cpp: guide row ids must be int32 vectors, one id per guide row");
   Problem pb;
   pb.dtype = compute_dtype(student, guide);
   pb.batch = student[0].size(0);
@@ -225,6 +248,7 @@ Problem prepare(const std::vector<at::Tensor>& student, const std::vector<at::Te
     }
   }
   for (const auto& x : guide) pb.guide.push_back(normalise(x, nullptr, nullptr));
+  for (const auto& x : ids) pb.ids.push_back(x.contiguous());
 
   pb.blocks.push_back({kAnchor, kPositive, true});
   if (opt.contrast_anchors) pb.blocks.push_back({kAnchor, kAnchor, false});
@@ -268,11 +292,16 @@ at::Tensor scratch(at::Tensor& buffer, int64_t rows, int64_t cols) {
   return buffer.narrow(0, 0, rows * cols).view({rows, cols});
 }
 
-// thr_i from t_i = ĝa_i · ĝp_{o+i}.
-at::Tensor thresholds(const Problem& pb, const Options& opt) {
+// thr_i from t_i = ĝa_i · ĝp_{o+i}, and the exact decision at a tie (g = t_i exactly): masked iff
+// margin > 0 (absolute) or |t_i| * margin > 0 (relative), as uint8.
+std::pair<at::Tensor, at::Tensor> thresholds(const Problem& pb, const Options& opt) {
   const int64_t B = pb.batch;
   at::Tensor t = (pb.guide[kAnchor] * pb.rows(pb.guide, kPositive, 0, B)).sum(1);
-  return (opt.relative ? t - t.abs() * opt.margin : t - opt.margin).contiguous();
+  at::Tensor thr = (opt.relative ? t - t.abs() * opt.margin : t - opt.margin).contiguous();
+  at::Tensor tie_masked = opt.margin <= 0 ? at::zeros({B}, t.options().dtype(at::kByte))
+                          : opt.relative  ? t.ne(0).to(at::kByte)
+                                          : at::ones({B}, t.options().dtype(at::kByte));
+  return {thr, tie_masked.contiguous()};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -285,11 +314,12 @@ at::Tensor thresholds(const Problem& pb, const Options& opt) {
 // cancellation of two O(1/tau) numbers.
 
 template <typename T>
-void row_pass(const Problem& pb, const Options& opt, const at::Tensor& thr, at::Tensor& losses, at::Tensor& lse,
-              at::Tensor& e_anchor, at::Tensor& e_positive, uint64_t* mask) {
+void row_pass(const Problem& pb, const Options& opt, const at::Tensor& thr, const at::Tensor& tie_masked,
+              at::Tensor& losses, at::Tensor& lse, at::Tensor& e_anchor, at::Tensor& e_positive, uint64_t* mask) {
   const int64_t B = pb.batch, TM = opt.tile_rows, TN = opt.tile_cols;
   const T inv_tau = static_cast<T>(1.0 / opt.temperature);
   const T* thr_p = thr.data_ptr<T>();
+  const uint8_t* tie_masked_p = tie_masked.data_ptr<uint8_t>();
   T* lse_p = lse.data_ptr<T>();
   T* loss_p = losses.data_ptr<T>();
   const int64_t d = pb.student[0].size(1);
@@ -315,6 +345,7 @@ void row_pass(const Problem& pb, const Options& opt, const at::Tensor& thr, at::
         const int64_t cn = std::min(TN, ncols - c0);
         at::Tensor cs = pb.student[blk.col_input].narrow(0, c0, cn);
         at::Tensor cg = pb.guide[blk.col_input].narrow(0, c0, cn);
+        const int32_t* cid = pb.ids[blk.col_input].data_ptr<int32_t>() + c0;
         at::Tensor s = scratch(s_buf, rn, cn), g = scratch(g_buf, rn, cn);
         at::mm_out(s, rs, cs.t());
         at::mm_out(g, rg, cg.t());
@@ -326,10 +357,12 @@ void row_pass(const Problem& pb, const Options& opt, const at::Tensor& thr, at::
           const int64_t jt = blk.is_target ? pb.offset + r0 + i - c0 : -1;
           const bool has_target = jt >= 0 && jt < cn;
           const T target_s = has_target ? w[jt] : T(0);
-          T mx = mask_row_max(w, g_p + i * cn, w, cn, thr_p[r0 + i], inv_tau);
+          const int32_t tie = pb.row_tie(blk.row_input, r0 + i);
+          const bool tie_m = tie_masked_p[r0 + i] != 0;
+          T mx = mask_row_max(w, g_p + i * cn, cid, w, cn, thr_p[r0 + i], tie, tie_m, inv_tau);
           if (mask) {
             uint64_t* words = mask + pb.mask_base[b] + (r0 + i) * pb.mask_stride[b];
-            pack_mask_row(g_p + i * cn, thr_p[r0 + i], cn, c0, words);
+            pack_mask_row(g_p + i * cn, cid, thr_p[r0 + i], tie, tie_m, cn, c0, words);
             if (has_target) words[(c0 + jt) >> 6] &= ~(uint64_t(1) << ((c0 + jt) & 63));
           }
           if (has_target) {
@@ -377,10 +410,12 @@ void row_pass(const Problem& pb, const Options& opt, const at::Tensor& thr, at::
 
 template <typename T>
 void column_pass(const Problem& pb, const Options& opt, const at::Tensor& lse, const at::Tensor& thr,
-                 const at::Tensor& scale, std::vector<at::Tensor>& grads, const uint64_t* mask) {
+                 const at::Tensor& tie_masked, const at::Tensor& scale, std::vector<at::Tensor>& grads,
+                 const uint64_t* mask) {
   const int64_t B = pb.batch, TM = opt.tile_rows, TN = opt.tile_cols;
   const T inv_tau = static_cast<T>(1.0 / opt.temperature);
   const T* thr_p = thr.data_ptr<T>();
+  const uint8_t* tie_masked_p = tie_masked.data_ptr<uint8_t>();
   const T* lse_p = lse.data_ptr<T>();
   const T* scale_p = scale.data_ptr<T>();
 
@@ -405,6 +440,7 @@ void column_pass(const Problem& pb, const Options& opt, const at::Tensor& lse, c
     at::Tensor cs = pb.student[task.input].narrow(0, task.c0, task.cn);
     at::Tensor cg = pb.guide[task.input].narrow(0, task.c0, task.cn);
     at::Tensor dc = grads[task.input].narrow(0, task.c0, task.cn);
+    const int32_t* cid = static_cast<const int32_t*>(pb.ids[task.input].data_ptr()) + task.c0;
     for (size_t b = 0; b < pb.blocks.size(); ++b) {
       const Block& blk = pb.blocks[b];
       if (blk.col_input != task.input) continue;
@@ -422,16 +458,19 @@ void column_pass(const Problem& pb, const Options& opt, const at::Tensor& lse, c
         for (int64_t i = 0; i < rn; ++i) {
           T* row = s_p + i * task.cn;
           T thr_i = thr_p[r0 + i];
+          int32_t tie = pb.row_tie(blk.row_input, r0 + i);
           if (mask) {
             unpack_mask_row(mask + pb.mask_base[b] + (r0 + i) * pb.mask_stride[b], task.c0, task.cn,
                             g_p + i * task.cn);
             thr_i = T(0.5);
+            tie = -1;  // the bits already hold the tie decisions; ids are >= 0
           }
           const int64_t jt = blk.is_target ? pb.offset + r0 + i - task.c0 : -1;
           const bool has_target = jt >= 0 && jt < task.cn;
           const T target_s = has_target ? row[jt] : T(0);
           const T lse_i = lse_p[r0 + i], scale_i = scale_p[r0 + i];
-          prob_row(row, g_p + i * task.cn, row, task.cn, thr_i, inv_tau, lse_i, scale_i);
+          prob_row(row, g_p + i * task.cn, cid, row, task.cn, thr_i, tie, tie_masked_p[r0 + i] != 0, inv_tau, lse_i,
+                   scale_i);
           if (has_target) row[jt] = (std::exp(target_s * inv_tau - lse_i) - T(1)) * scale_i;
         }
         dc.addmm_(s.t(), rs);
@@ -459,18 +498,20 @@ Options make_options(double temperature, bool relative, double margin, bool cont
 
 }  // namespace
 
-// Forward: returns (losses (B,), lse (B,), thr (B,), e_anchor (B, d), e_positive (B, d) or empty,
-// guide-mask bits (int64 words, B * N / 64 of them) or empty). With `keep_mask`, pass 2 can take
-// the bits instead of recomputing the guide dots.
+// Forward: returns (losses (B,), lse (B,), thr (B,), tie decisions (B,) uint8, e_anchor (B, d),
+// e_positive (B, d) or empty, guide-mask bits (int64 words, B * N / 64 of them) or empty). With
+// `keep_mask`, pass 2 can take the bits instead of recomputing the guide dots. `ids`: the int32 id
+// of every guide row, per guide input (gist_fast/backends/ties.py).
 std::vector<at::Tensor> gist_forward(const std::vector<at::Tensor>& student, const std::vector<at::Tensor>& guide,
-                                     double temperature, bool relative, double margin, bool contrast_anchors,
+                                     const std::vector<at::Tensor>& ids, double temperature, bool relative, double margin, bool contrast_anchors,
                                      bool contrast_positives, int64_t offset, int64_t tile_rows, int64_t tile_cols,
                                      bool keep_mask) {
   at::NoGradGuard no_grad;
   const Options opt = make_options(temperature, relative, margin, contrast_anchors, contrast_positives, offset,
                                    tile_rows, tile_cols);
-  const Problem pb = prepare(student, guide, opt, false);
-  at::Tensor thr = thresholds(pb, opt);
+  const Problem pb = prepare(student, guide, ids, opt, false);
+  at::Tensor thr, tie_masked;
+  std::tie(thr, tie_masked) = thresholds(pb, opt);
   const int64_t B = pb.batch, d = pb.student[0].size(1);
   auto options = pb.student[0].options();
   at::Tensor lse = at::empty({B}, options), losses = at::empty({B}, options);
@@ -479,15 +520,18 @@ std::vector<at::Tensor> gist_forward(const std::vector<at::Tensor>& student, con
   at::Tensor mask = at::zeros({keep_mask ? pb.mask_words : 0}, options.dtype(at::kLong));
   uint64_t* mask_p = keep_mask ? reinterpret_cast<uint64_t*>(mask.data_ptr<int64_t>()) : nullptr;
   AT_DISPATCH_FLOATING_TYPES(pb.dtype, "gist_row_pass",
-                             [&] { row_pass<scalar_t>(pb, opt, thr, losses, lse, e_anchor, e_positive, mask_p); });
-  return {losses, lse, thr, e_anchor, e_positive.defined() ? e_positive : at::empty({0}, options), mask};
+                             [&] {
+                               row_pass<scalar_t>(pb, opt, thr, tie_masked, losses, lse, e_anchor, e_positive, mask_p);
+                             });
+  return {losses, lse, thr, tie_masked, e_anchor, e_positive.defined() ? e_positive : at::empty({0}, options), mask};
 }
 
 // Backward: the gradient of sum_i w_i * loss_i w.r.t. every student input (compute dtype), where
 // `row_weight` holds w_i. With `consume`, the storage of e_anchor / e_positive is reused. `mask` is
 // the forward's guide-mask bits, or empty to recompute the guide dots.
 std::vector<at::Tensor> gist_backward(const std::vector<at::Tensor>& student, const std::vector<at::Tensor>& guide,
-                                      const at::Tensor& lse, const at::Tensor& thr, at::Tensor e_anchor,
+                                      const std::vector<at::Tensor>& ids, const at::Tensor& lse, const at::Tensor& thr,
+                                      const at::Tensor& tie_masked, at::Tensor e_anchor,
                                       at::Tensor e_positive, const at::Tensor& row_weight, double temperature,
                                       bool relative, double margin, bool contrast_anchors, bool contrast_positives,
                                       int64_t offset, int64_t tile_rows, int64_t tile_cols, bool consume,
@@ -495,7 +539,9 @@ std::vector<at::Tensor> gist_backward(const std::vector<at::Tensor>& student, co
   at::NoGradGuard no_grad;
   const Options opt = make_options(temperature, relative, margin, contrast_anchors, contrast_positives, offset,
                                    tile_rows, tile_cols);
-  const Problem pb = prepare(student, guide, opt, true);
+  const Problem pb = prepare(student, guide, ids, opt, true);
+  TORCH_CHECK(tie_masked.scalar_type() == at::kByte && tie_masked.numel() == pb.batch && tie_masked.is_contiguous(),
+              "gist_fast cpp: the tie decisions do not match the inputs");
   const int64_t B = pb.batch, o = pb.offset;
   const uint64_t* mask_p = nullptr;
   if (mask.numel() > 0) {
@@ -522,7 +568,7 @@ std::vector<at::Tensor> gist_backward(const std::vector<at::Tensor>& student, co
   for (size_t m = 2; m < pb.student.size(); ++m) grads.push_back(at::zeros_like(pb.student[m]));
 
   AT_DISPATCH_FLOATING_TYPES(pb.dtype, "gist_column_pass",
-                             [&] { column_pass<scalar_t>(pb, opt, lse, thr, scale, grads, mask_p); });
+                             [&] { column_pass<scalar_t>(pb, opt, lse, thr, tie_masked, scale, grads, mask_p); });
   through_normalisation(pb, grads);
   return grads;
 }

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from ..inputs import GISTInputs, GISTOptions
 from .common import reduce, refuse_double_backward, row_weight
+from .ties import guide_row_ids
 
 TILE_ROWS = 128
 TILE_COLS = 512
@@ -180,9 +181,13 @@ class _GISTCppFunction(torch.autograd.Function):
         dtype = _compute_dtype(tensors)
         cast = [t.detach().to(dtype) for t in tensors]
         student, guide = cast[: 2 + k], cast[2 + k :]
+        # Exact ties: the id of every guide row (bitwise-equal rows share one), as the kernel takes them.
+        ids = [i.to(torch.int32) for i in guide_row_ids(tensors[2 + k :])]
         args = _option_args(options, tiles)
         needs_grad = any(ctx.needs_input_grad[4 : 6 + k])
-        losses, lse, threshold, e_a, e_p, mask = ext.forward(student, guide, *args, keep_mask and needs_grad)
+        losses, lse, threshold, tie_masked, e_a, e_p, mask = ext.forward(
+            student, guide, ids, *args, keep_mask and needs_grad
+        )
         B = losses.shape[0]
         loss = reduce(losses, options.reduction)
 
@@ -192,11 +197,11 @@ class _GISTCppFunction(torch.autograd.Function):
             return loss
         if options.reduction == "none":
             # Per-row incoming weights are unknown until backward: keep what pass 2 needs.
-            ctx.save_for_backward(lse, threshold, e_a, e_p, mask, *cast)
+            ctx.save_for_backward(lse, threshold, tie_masked, e_a, e_p, mask, *ids, *cast)
             ctx.deferred = True
         else:
             weight = torch.full((B,), row_weight(options, B), dtype=dtype)
-            grads = ext.backward(student, guide, lse, threshold, e_a, e_p, weight, *args, True, mask)
+            grads = ext.backward(student, guide, ids, lse, threshold, tie_masked, e_a, e_p, weight, *args, True, mask)
             del e_a, e_p, mask
             ctx.save_for_backward(*[g.to(t) for g, t in zip(grads, ctx.dtypes, strict=True)])
             ctx.deferred = False
@@ -210,13 +215,25 @@ class _GISTCppFunction(torch.autograd.Function):
         if not any(ctx.needs_input_grad[4 : 6 + k]):
             return (None,) * (4 + 2 * n_student)
         if ctx.deferred:
-            lse, threshold, e_a, e_p, mask, *cast = ctx.saved_tensors
+            lse, threshold, tie_masked, e_a, e_p, mask, *saved = ctx.saved_tensors
+            ids, cast = saved[:n_student], saved[n_student:]
             ext = load_extension()
             weight = grad_out.detach().to(lse.dtype).contiguous()
             args = _option_args(ctx.options, ctx.tiles)
             # consume=False: saved tensors stay intact (retain_graph may call backward again).
             grads = ext.backward(
-                cast[:n_student], cast[n_student:], lse, threshold, e_a, e_p, weight, *args, False, mask
+                cast[:n_student],
+                cast[n_student:],
+                ids,
+                lse,
+                threshold,
+                tie_masked,
+                e_a,
+                e_p,
+                weight,
+                *args,
+                False,
+                mask,
             )
             grads = [g.to(t) for g, t in zip(grads, ctx.dtypes, strict=True)]
         else:

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ..inputs import NORM_EPS, GISTInputs, GISTOptions
 from .common import reduce, refuse_double_backward, row_weight
+from .ties import TieIds, guide_mask, masked_at_tie, tie_ids
 
 TILE_ROWS = 1024
 TILE_COLS = 2048
@@ -58,9 +59,12 @@ class _Tiler:
 
     Student tiles come augmented with one extra column so that a single matmul yields shifted
     logits: rows ``[r̂_i / tau, -shift_i]`` times columns ``[ĉ_j, 1]`` give ``z_ij - shift_i``.
+    `ties` are the guide rows' ids (exact ties, `ties.tie_ids`); computed here unless given.
     """
 
-    def __init__(self, inputs: GISTInputs, options: GISTOptions, dtype: torch.dtype) -> None:
+    def __init__(
+        self, inputs: GISTInputs, options: GISTOptions, dtype: torch.dtype, ties: TieIds | None = None
+    ) -> None:
         self.student = inputs.student_tensors
         self.guide = inputs.guide_tensors
         self.dtype = dtype
@@ -71,6 +75,7 @@ class _Tiler:
         self.norm = [t.detach().to(dtype).norm(dim=1) for t in self.student]
         self.inv_norm = [n.clamp_min(NORM_EPS).reciprocal() for n in self.norm]
         self.guide_inv_norm = [t.detach().to(dtype).norm(dim=1).clamp_min(NORM_EPS).reciprocal() for t in self.guide]
+        self.ties = ties if ties is not None else tie_ids(inputs, options)
 
     def _slice(self, which: int, start: int, stop: int, guide: bool) -> Tensor:
         tensors, inv = (self.guide, self.guide_inv_norm) if guide else (self.student, self.inv_norm)
@@ -107,6 +112,13 @@ class _Tiler:
     def num_cols(self, which: int) -> int:
         return self.student[which].shape[0]
 
+    def row_tie_ids(self, which: int, start: int, stop: int) -> Tensor:
+        """The tie ids of anchor rows `start:stop` in a block whose rows come from `which`."""
+        return self.ties.row_ids(pp=which == POSITIVE)[start:stop]
+
+    def col_ids(self, which: int, start: int, stop: int) -> Tensor:
+        return self.ties.columns[which][start:stop]
+
 
 def _masked_logits(
     block: Block,
@@ -116,16 +128,19 @@ def _masked_logits(
     row_range: tuple[int, int],
     col_range: tuple[int, int],
     threshold: Tensor,
+    ties: tuple[Tensor, Tensor, Tensor],
 ) -> Tensor:
     """``z_ij - shift_i`` on one tile, -inf where the guide similarity exceeds the row's threshold.
 
     `rows` = (shifted student rows ``[r̂/tau, -shift]``, normalised guide rows), `cols` = (augmented
     student columns ``[ĉ, 1]``, normalised guide columns): one matmul gives the shifted logits, so
-    no elementwise pass divides by tau or subtracts the shift.
+    no elementwise pass divides by tau or subtracts the shift. `ties` = (the rows' tie ids, the
+    columns' ids, the rows' decision at a tie): exact ties are decided by ids (`ties`).
     """
     (r0, r1), (c0, c1) = row_range, col_range
     z = rows[0] @ cols[0].T
-    mask = (rows[1] @ cols[1].T) > threshold[:, None]  # strict: ties are kept
+    row_tie, col_ids, tie_masked = ties
+    mask = guide_mask(rows[1] @ cols[1].T, threshold, row_tie, col_ids, tie_masked)  # strict: g > thr
     if block.is_target_block:
         # The target column o + i lies in this tile for rows i with c0 <= o + i < c1.
         i = torch.arange(r0, r1, device=z.device)
@@ -135,17 +150,21 @@ def _masked_logits(
     return z.masked_fill_(mask, float("-inf"))
 
 
-def _thresholds(tiler: _Tiler, options: GISTOptions, tile_rows: int) -> tuple[Tensor, Tensor]:
-    """thr_i of every anchor and the student's target logit z_{i, o+i}, a row tile at a time."""
+def _thresholds(tiler: _Tiler, options: GISTOptions, tile_rows: int) -> tuple[Tensor, Tensor, Tensor]:
+    """thr_i of every anchor, the student's target logit z_{i, o+i} and the exact decision at a tie
+    (`ties.masked_at_tie`), a row tile at a time."""
     threshold = torch.empty(tiler.batch, device=tiler.student[0].device, dtype=tiler.dtype)
     target_logit = torch.empty_like(threshold)
+    tie_masked = torch.empty(tiler.batch, device=threshold.device, dtype=torch.bool)
     for r0 in range(0, tiler.batch, tile_rows):
         r1 = min(r0 + tile_rows, tiler.batch)
         ga, gp = tiler.rows(ANCHOR, r0, r1, guide=True), tiler.rows(POSITIVE, r0, r1, guide=True)
-        threshold[r0:r1] = options.threshold((ga * gp).sum(1))
+        t = (ga * gp).sum(1)
+        threshold[r0:r1] = options.threshold(t)
+        tie_masked[r0:r1] = masked_at_tie(t, options)
         a, p = tiler.rows(ANCHOR, r0, r1), tiler.rows(POSITIVE, r0, r1)
         target_logit[r0:r1] = (a * p).sum(1) / options.temperature
-    return threshold, target_logit
+    return threshold, target_logit, tie_masked
 
 
 # Pass 1 keeps, per row, a shift m_i and sums relative to it (lse_i = m_i + log(row_sum_i)). The
@@ -175,6 +194,7 @@ def _forward_pass(
     options: GISTOptions,
     threshold: Tensor,
     target_logit: Tensor,
+    tie_masked: Tensor,
     tile_rows: int,
     tile_cols: int,
 ):
@@ -190,6 +210,7 @@ def _forward_pass(
     for r0 in range(0, B, tile_rows):
         r1 = min(r0 + tile_rows, B)
         row_threshold = threshold[r0:r1]
+        row_tie_masked = tie_masked[r0:r1]
         shift = target_logit[r0:r1].clone()
         row_sum = torch.zeros(r1 - r0, device=dev, dtype=dt)
         acc = {ANCHOR: mean_from_anchor[r0:r1], POSITIVE: None}
@@ -205,13 +226,18 @@ def _forward_pass(
                 c1 = min(c0 + tile_cols, tiler.num_cols(block.col_input))
                 cols = (tiler.augmented_cols(block.col_input, c0, c1), tiler.cols(block.col_input, c0, c1, guide=True))
                 rows = (student_rows[block.row_input], guide_rows[block.row_input])
-                z = _masked_logits(block, options, rows, cols, (r0, r1), (c0, c1), row_threshold)
+                ties = (
+                    tiler.row_tie_ids(block.row_input, r0, r1),
+                    tiler.col_ids(block.col_input, c0, c1),
+                    row_tie_masked,
+                )
+                z = _masked_logits(block, options, rows, cols, (r0, r1), (c0, c1), row_threshold, ties)
                 weights = z.exp_()
                 tile_sum = weights.sum(dim=1)
                 if not bool((tile_sum <= RESCALE_ABOVE).all()):
                     # Rare: some z - shift overflowed exp(). Redo the tile with the shift moved up
                     # to the tile's row maxima (0 for rows whose entries so far are all masked).
-                    z = _masked_logits(block, options, rows, cols, (r0, r1), (c0, c1), row_threshold)
+                    z = _masked_logits(block, options, rows, cols, (r0, r1), (c0, c1), row_threshold, ties)
                     delta = z.amax(dim=1).clamp_min(0.0)
                     weights = z.sub_(delta[:, None]).exp_()
                     tile_sum = weights.sum(dim=1)
@@ -234,6 +260,7 @@ def _column_pass(
     options: GISTOptions,
     lse: Tensor,
     threshold: Tensor,
+    tie_masked: Tensor,
     row_weight: Tensor,
     grads: list[Tensor],
     tile_rows: int,
@@ -257,7 +284,13 @@ def _column_pass(
                     tiler.shifted_rows(block.row_input, r0, r1, lse[r0:r1]),
                     tiler.rows(block.row_input, r0, r1, guide=True),
                 )
-                p = _masked_logits(block, options, rows, cols, (r0, r1), (c0, c1), threshold[r0:r1]).exp_()
+                ties = (
+                    tiler.row_tie_ids(block.row_input, r0, r1),
+                    tiler.col_ids(block.col_input, c0, c1),
+                    tie_masked[r0:r1],
+                )
+                z = _masked_logits(block, options, rows, cols, (r0, r1), (c0, c1), threshold[r0:r1], ties)
+                p = z.exp_()
                 weighted_rows = tiler.rows(block.row_input, r0, r1).mul_(scale[r0:r1, None])
                 col_grad.addmm_(p.T, weighted_rows)
     # The target term -1 of G at (i, o + i): column side of AP gets -scale_i * â_i.
@@ -332,8 +365,10 @@ class _GISTTiledFunction(torch.autograd.Function):
         tiler = _Tiler(inputs, options, dtype)
         tile_rows, tile_cols = tiles
         with torch.no_grad():
-            threshold, target_logit = _thresholds(tiler, options, tile_rows)
-            lse, e_a, e_p = _forward_pass(tiler, inputs, options, threshold, target_logit, tile_rows, tile_cols)
+            threshold, target_logit, tie_masked = _thresholds(tiler, options, tile_rows)
+            lse, e_a, e_p = _forward_pass(
+                tiler, inputs, options, threshold, target_logit, tie_masked, tile_rows, tile_cols
+            )
             # lse includes the target logit, so the exact loss is >= 0; round-off of a saturated
             # softmax can dip below (-3e-5 in fp32 at tau = 0.01): clamping only removes error.
             losses = (lse - target_logit).clamp_min_(0.0)
@@ -346,12 +381,15 @@ class _GISTTiledFunction(torch.autograd.Function):
                 return loss
             if options.reduction == "none":
                 # Per-row incoming weights are unknown until backward: keep what pass 2 needs.
-                ctx.save_for_backward(lse, threshold, e_a, e_p if e_p is not None else lse.new_empty(0), *tensors)
+                ctx.save_for_backward(
+                    lse, threshold, tie_masked, e_a, e_p if e_p is not None else lse.new_empty(0), *tensors
+                )
+                ctx.ties = tiler.ties
                 ctx.deferred = True
             else:
                 weight = torch.full((B,), row_weight(options, B), device=lse.device, dtype=dtype)
                 # e_a and e_p are not needed after this: their storage becomes the gradients.
-                grads = _all_gradients(tiler, inputs, options, lse, threshold, e_a, e_p, weight, tiles)
+                grads = _all_gradients(tiler, inputs, options, lse, threshold, tie_masked, e_a, e_p, weight, tiles)
                 del e_a, e_p
                 ctx.save_for_backward(*grads)
                 ctx.deferred = False
@@ -365,7 +403,7 @@ class _GISTTiledFunction(torch.autograd.Function):
         if not any(ctx.needs_input_grad[3 : 5 + k]):
             return (None,) * (3 + 2 * n_student)
         if ctx.deferred:
-            lse, threshold, e_a, e_p, *tensors = ctx.saved_tensors
+            lse, threshold, tie_masked, e_a, e_p, *tensors = ctx.saved_tensors
             inputs = GISTInputs(
                 tensors[0],
                 tensors[1],
@@ -374,13 +412,14 @@ class _GISTTiledFunction(torch.autograd.Function):
                 tensors[3 + k],
                 tuple(tensors[4 + k :]),
             )
-            tiler = _Tiler(inputs, ctx.options, lse.dtype)
+            tiler = _Tiler(inputs, ctx.options, lse.dtype, ctx.ties)
             grads = _all_gradients(
                 tiler,
                 inputs,
                 ctx.options,
                 lse,
                 threshold,
+                tie_masked,
                 e_a.clone(),  # saved tensors stay intact (retain_graph may call backward again)
                 e_p.clone() if e_p.numel() else None,
                 grad_out.to(lse.dtype),
@@ -396,13 +435,13 @@ class _GISTTiledFunction(torch.autograd.Function):
         return (None, None, None, *student, *([None] * n_student))
 
 
-def _all_gradients(tiler, inputs, options, lse, threshold, e_a, e_p, weight, tiles) -> list[Tensor]:
+def _all_gradients(tiler, inputs, options, lse, threshold, tie_masked, e_a, e_p, weight, tiles) -> list[Tensor]:
     """Row side plus column side, taken through the normalisation: one gradient per student input.
 
     Consumes e_a and e_p (their storage becomes the anchor and positive gradients)."""
     tile_rows, tile_cols = tiles
     grads_hat = _row_side_gradients(tiler, inputs, options, e_a, e_p, weight, tile_rows)
-    _column_pass(tiler, inputs, options, lse, threshold, weight, grads_hat, tile_rows, tile_cols)
+    _column_pass(tiler, inputs, options, lse, threshold, tie_masked, weight, grads_hat, tile_rows, tile_cols)
     return _through_normalisation(tiler, grads_hat, tile_rows)
 
 

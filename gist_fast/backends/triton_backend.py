@@ -23,6 +23,7 @@ from torch import Tensor
 from ..inputs import NORM_EPS, GISTInputs, GISTOptions
 from . import triton_kernels as K
 from .common import reduce, refuse_double_backward, row_weight
+from .ties import guide_row_ids, masked_at_tie
 from .triton_chunked import Chunks, run_chunked
 
 RETAIN_GRAPH_ERROR = (
@@ -161,6 +162,8 @@ class _Problem:
     gn: Tensor  # (k, P, dg)
     norms: Tensor  # (B + P + kP,) fp32
     gnorms: Tensor
+    gids: Tensor  # (B + P + kP,) int32: the guide rows' ids (exact ties, `ties`)
+    ties: Tensor  # (2B,) int32: tie codes 2 * tie id + decision, of the anchor-row blocks then PP
     thr: Tensor  # (B,) fp32
     options: GISTOptions
 
@@ -239,7 +242,26 @@ def _prepare(student: tuple[Tensor, ...], guide: tuple[Tensor, ...], options: GI
     # t_i = ga_hat_i . gp_hat_{o+i}, divided like the kernel divides the guide tiles.
     g_own = gnorms[B + o : 2 * B + o].clamp_min(NORM_EPS)
     t = _row_dots(ga, gp[o : o + B]) / (gnorms[:B].clamp_min(NORM_EPS) * g_own)
-    return _Problem(a, p, n, ga, gp, gn, norms, gnorms, options.threshold(t), options)
+    gids, ties = _tie_codes(guide, t, options)
+    return _Problem(a, p, n, ga, gp, gn, norms, gnorms, gids, ties, options.threshold(t), options)
+
+
+# Tie codes 2 * id + decision must fit in int32.
+MAX_GUIDE_ROWS = 2**30
+
+
+def _tie_codes(guide: tuple[Tensor, ...], t: Tensor, options: GISTOptions) -> tuple[Tensor, Tensor]:
+    """The guide rows' ids (B + P + kP, laid out like the norms) and the anchor rows' tie codes
+    2 * tie id + [masked at a tie] (B for the anchor-row blocks: id of gp_{o+i}; B for PP: id of
+    ga_i), int32, for the kernels' exact tie rule (`ties`)."""
+    total = sum(g.shape[0] for g in guide)
+    if total > MAX_GUIDE_ROWS:
+        raise ValueError(f"the Triton backend takes at most {MAX_GUIDE_ROWS} guide rows in all; got {total}")
+    ids = guide_row_ids(guide)
+    B, o = t.shape[0], options.offset
+    decision = masked_at_tie(t, options).to(torch.int64)
+    codes = torch.cat([2 * ids[1][o : o + B] + decision, 2 * ids[0] + decision])
+    return torch.cat(ids).to(torch.int32), codes.to(torch.int32)
 
 
 def _kernel_flags(problem: _Problem) -> dict:
@@ -259,7 +281,10 @@ def _run_passes(problem: _Problem, weight: Tensor, with_grad: bool, blocks: Bloc
     lse = torch.empty(B, device=dev, dtype=torch.float32)
     target = torch.empty_like(lse)
     flags = _kernel_flags(problem)
-    tensors = (problem.a, problem.p, problem.n, problem.ga, problem.gp, problem.gn, problem.norms, problem.gnorms)
+    tensors = (
+        *(problem.a, problem.p, problem.n, problem.ga, problem.gp, problem.gn),
+        *(problem.norms, problem.gnorms, problem.gids, problem.ties),
+    )
     if with_grad:
         grad_a = torch.empty((B, d), device=dev, dtype=problem.a.dtype)
         grad_p = torch.zeros((P, d), device=dev, dtype=problem.a.dtype)

@@ -54,14 +54,17 @@ def tile_kernel(
     norms_x,
     gnorms_x,
     x_shift,
-    # the column input (column j of the block is row j) and its norms
+    # the column input (column j of the block is row j), its norms and its guide rows' ids
     y,
     s_y,
     gy,
     s_gy,
     norms_y,
     gnorms_y,
-    # per anchor row: threshold, lse (MODE 1); the target logits out (MODE 0, AP)
+    gids_y,
+    # per anchor row: tie code (2 * tie id + decision), threshold, lse (MODE 1); the target
+    # logits out (MODE 0, AP)
+    ties,
     thr_ptr,
     lse_ptr,
     target_out,
@@ -107,9 +110,11 @@ def tile_kernel(
     norm_y = _load_norms(norms_y, y_cols, col_mask)
     gnorm_y = _load_norms(gnorms_y, y_cols, col_mask)
     thr = tl.load(thr_ptr + rows, mask=row_mask, other=0.0)
+    row_tie = tl.load(ties + rows, mask=row_mask, other=0)
+    col_ids = tl.load(gids_y + y_cols, mask=col_mask, other=-1)
     z, is_target = _logit_tile(
         x, s_x, gx, s_gx, x_rows, norm_x, gnorm_x, y, s_y, gy, s_gy, y_cols, norm_y, gnorm_y,
-        rows, row_mask, cols, col_mask, thr, d, dg, offset, inv_temp,
+        rows, row_mask, cols, col_mask, thr, row_tie, col_ids, d, dg, offset, inv_temp,
         IS_TARGET_BLOCK, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
     )  # fmt: skip
     tile_mask = row_mask[:, None] & col_mask[None, :]

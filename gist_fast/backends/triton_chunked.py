@@ -87,6 +87,8 @@ class _Block:
     gy: Tensor
     norms_y: Tensor
     gnorms_y: Tensor
+    gids_y: Tensor  # the column input's guide-row ids (exact ties)
+    ties: Tensor  # (B,) the rows' tie codes 2 * tie id + decision (exact ties)
     n_cols: int
     is_target: bool
     row_side: str  # "a": the anchor-row accumulator, "p": the PP accumulator
@@ -96,18 +98,22 @@ class _Block:
 def _blocks(problem: _Problem) -> list[_Block]:
     B, P, o = problem.B, problem.P, problem.options
     a, p, ga, gp = problem.a, problem.p, problem.ga, problem.gp
-    norms, gnorms = problem.norms, problem.gnorms
+    norms, gnorms, gids = problem.norms, problem.gnorms, problem.gids
     na, np_, ga_n, gp_n = norms[:B], norms[B : B + P], gnorms[:B], gnorms[B : B + P]
+    ids_a, ids_p = gids[:B], gids[B : B + P]
+    tie_a, tie_p = problem.ties[:B], problem.ties[B:]  # the anchor-row blocks' and PP's tie codes
     anchor_rows = (a, ga, na, ga_n, 0)
-    blocks = [_Block(*anchor_rows, p, gp, np_, gp_n, P, True, "a", 1)]
+    blocks = [_Block(*anchor_rows, p, gp, np_, gp_n, ids_p, tie_a, P, True, "a", 1)]
     if o.contrast_anchors:
-        blocks.append(_Block(*anchor_rows, a, ga, na, ga_n, B, False, "a", 0))
+        blocks.append(_Block(*anchor_rows, a, ga, na, ga_n, ids_a, tie_a, B, False, "a", 0))
     if o.contrast_positives:
-        blocks.append(_Block(p, gp, np_, gp_n, o.offset, p, gp, np_, gp_n, P, False, "p", 1))
+        blocks.append(_Block(p, gp, np_, gp_n, o.offset, p, gp, np_, gp_n, ids_p, tie_p, P, False, "p", 1))
     for m in range(problem.k):
-        lo = B + P + m * P
+        lo, hi = B + P + m * P, B + P + (m + 1) * P
         n_m, gn_m = problem.n[m], problem.gn[m]
-        blocks.append(_Block(*anchor_rows, n_m, gn_m, norms[lo : lo + P], gnorms[lo : lo + P], P, False, "a", 2 + m))
+        blocks.append(
+            _Block(*anchor_rows, n_m, gn_m, norms[lo:hi], gnorms[lo:hi], gids[lo:hi], tie_a, P, False, "a", 2 + m)
+        )
     return blocks
 
 
@@ -195,8 +201,8 @@ class _Launcher:
         grid = (triton.cdiv(nr, c.tile_m), triton.cdiv(nc, c.tile_n))
         CK.tile_kernel[grid](
             blk.x, blk.x.stride(0), blk.gx, blk.gx.stride(0), blk.norms_x, blk.gnorms_x, blk.x_shift,
-            blk.y, blk.y.stride(0), blk.gy, blk.gy.stride(0), blk.norms_y, blk.gnorms_y,
-            p.thr, lse, target, r0, nr, c0, nc,
+            blk.y, blk.y.stride(0), blk.gy, blk.gy.stride(0), blk.norms_y, blk.gnorms_y, blk.gids_y,
+            blk.ties, p.thr, lse, target, r0, nr, c0, nc,
             self.w, self.w.stride(0), self.tile_max, self.tile_sum, self.tile_exp, self.tile_max.stride(0),
             row_coef if row_coef is not None else lse,
             *self.scalars,

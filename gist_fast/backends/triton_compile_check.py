@@ -43,6 +43,7 @@ _FP32_PTRS = {
     "norms_x", "gnorms_x", "norms_y", "gnorms_y", "tile_max", "tile_sum", "tile_exp", "row_coef",
     "alpha", "row_scale", "k_scale", "peak", "big", "total", "ref",
 }  # fmt: skip
+_I32_PTRS = {"gids", "ties", "gids_y"}  # guide-row ids and tie codes (exact ties)
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,8 @@ def _signature(fn, dtype: str, constexprs: dict, ints: dict[str, int]) -> tuple[
             continue
         if name in _FP32_PTRS or (name == "out" and fn in (K.row_dots_kernel, CK.scaled_gemm_kernel)):
             sig[name] = "*fp32"
+        elif name in _I32_PTRS:
+            sig[name] = "*i32"
         elif name in _STUDENT:
             sig[name] = f"*{dtype}"
         elif name == "inv_temp":

@@ -7,9 +7,13 @@ the loads); cosines are formed from raw dot products and the row norms, so no no
 any input is made:
 
     s_ij = (x_i . y_j) / (|x_i| |y_j|)      student, scaled by 1/|.| after the dot
-    g_ij = (gx_i . gy_j) / (|gx_i| |gy_j|)  guide, divided with IEEE rounding so that exact ties
-                                            (g == thr) are decided as in the float64 reference
+    g_ij = (gx_i . gy_j) / (|gx_i| |gy_j|)  guide, divided with IEEE rounding
     z_ij = s_ij / tau, or -inf where g_ij > thr_i (never for the target j = o + i of AP)
+
+Exact ties (`ties`): where the column's guide-row id equals the row's tie id (the logit's guide pair
+is the pair that defines thr_i), the row's exact decision replaces g_ij > thr_i. The ids come as
+int32 vectors: `gids` (every guide row, laid out like the norms) and per anchor row a tie code
+2 * tie_id + decision (`ties`: B codes for the anchor-row blocks, then B for PP).
 
 - `row_pass_kernel` (pass 1): a program owns BLOCK_M rows and walks every column tile of every
   block: online logsumexp (running max m_i and sum l_i), the target logit, and the row-side
@@ -119,6 +123,8 @@ def _logit_tile(
     cols,
     col_mask,
     thr,
+    row_tie,
+    col_ids,
     d,
     dg,
     offset,
@@ -131,7 +137,8 @@ def _logit_tile(
     PRECISION: tl.constexpr,
 ):
     """z_ij = s_ij / tau of one tile, -inf where the guide masks and outside the tile; returns
-    (z, is_target). The guide tile is reduced to its keep mask before the student tile is computed,
+    (z, is_target). `row_tie`: the rows' tie codes 2 * tie_id + decision; `col_ids`: the columns'
+    guide-row ids. The guide tile is reduced to its keep mask before the student tile is computed,
     so the two fp32 accumulators are not live together."""
     guide_dots = _dot_tile(
         gx, s_gx, x_rows, row_mask, gy, s_gy, y_cols, col_mask, dg, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION
@@ -139,8 +146,11 @@ def _logit_tile(
     g = tl.math.div_rn(guide_dots, gnorm_x[:, None] * gnorm_y[None, :])
     # The target column o + i of row i (AP only; elsewhere nothing is a target).
     is_target = cols[None, :] == (rows + offset)[:, None] if IS_TARGET_BLOCK else cols[None, :] < 0
-    # Strict rule: a tie g == thr is kept; the target is never masked.
-    keep = ((g <= thr[:, None]) | is_target) & row_mask[:, None] & col_mask[None, :]
+    # Strict rule g > thr, except exact ties (the threshold's own pair of guide rows), decided by
+    # the row's exact decision; the target is never masked.
+    tie = col_ids[None, :] == (row_tie >> 1)[:, None]
+    masked = tl.where(tie, ((row_tie & 1) != 0)[:, None], g > thr[:, None])
+    keep = ((masked == 0) | is_target) & row_mask[:, None] & col_mask[None, :]
     dots = _dot_tile(
         x, s_x, x_rows, row_mask, y, s_y, y_cols, col_mask, d, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION
     )
@@ -282,6 +292,7 @@ def _sweep_columns(
     norm_x,
     gnorm_x,
     thr,
+    row_tie,
     # the block's columns
     y,
     s_y,
@@ -289,6 +300,7 @@ def _sweep_columns(
     s_gy,
     norms_y,
     gnorms_y,
+    gids_y,
     n_cols,
     # online state
     m_i,
@@ -315,9 +327,10 @@ def _sweep_columns(
         cols64 = cols.to(tl.int64)
         norm_y = _load_norms(norms_y, cols, col_mask)
         gnorm_y = _load_norms(gnorms_y, cols, col_mask)
+        col_ids = tl.load(gids_y + cols, mask=col_mask, other=-1)
         z, is_target = _logit_tile(
             x, s_x, gx, s_gx, x_rows, norm_x, gnorm_x, y, s_y, gy, s_gy, cols64, norm_y, gnorm_y,
-            rows, row_mask, cols, col_mask, thr, d, dg, offset, inv_temp,
+            rows, row_mask, cols, col_mask, thr, row_tie, col_ids, d, dg, offset, inv_temp,
             IS_TARGET_BLOCK, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
         )  # fmt: skip
         # Online logsumexp. A row whose entries so far are all masked keeps m = -inf; `m_safe`
@@ -365,6 +378,8 @@ def row_pass_kernel(
     gn,
     norms,
     gnorms,
+    gids,
+    ties,
     thr_ptr,
     weight_ptr,
     lse_out,
@@ -401,8 +416,9 @@ def row_pass_kernel(
     anchor-row blocks (AP, AA, AN_m), grad_p[o+i] = J_p(w_i/tau sum_j P_ij p_hat_j) over PP.
 
     `norms`/`gnorms` hold |x| of the anchors (B), positives (P) and negatives (num_neg x P), in
-    that order; negative m of `n` starts at n + m * s_nm. `scratch` is fp32
-    (programs, 2, BLOCK_M, d)."""
+    that order, and `gids` the guide rows' ids in that order; `ties` the rows' tie codes (B for
+    the anchor-row blocks, then B for PP). Negative m of `n` starts at n + m * s_nm. `scratch` is
+    fp32 (programs, 2, BLOCK_M, d)."""
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     acc_a = scratch + pid.to(tl.int64) * (2 * BLOCK_M * d)
@@ -415,6 +431,7 @@ def row_pass_kernel(
         a_rows = rows.to(tl.int64)
         p_rows = a_rows + offset  # anchor i's own positive: rows of PP, target of AP
         thr = tl.load(thr_ptr + rows, mask=row_mask, other=0.0)
+        tie_a = tl.load(ties + rows, mask=row_mask, other=0)
         norm_a = _load_norms(norms_a, rows, row_mask)
         gnorm_a = _load_norms(gnorms_a, rows, row_mask)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -428,16 +445,16 @@ def row_pass_kernel(
 
         # AP: anchors x positives, the target column o + i never masked.
         m_i, l_i, z_target, max_a = _sweep_columns(
-            a, s_a, ga, s_ga, rows, a_rows, row_mask, norm_a, gnorm_a, thr,
-            p, s_p, gp, s_gp, norms_p, gnorms_p, P,
+            a, s_a, ga, s_ga, rows, a_rows, row_mask, norm_a, gnorm_a, thr, tie_a,
+            p, s_p, gp, s_gp, norms_p, gnorms_p, gids + B, P,
             m_i, l_i, z_target, acc_a, max_a, d, dg, offset, inv_temp,
             True, WITH_GRAD, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
         )  # fmt: skip
         # AA: anchors x anchors.
         if CONTRAST_ANCHORS:
             m_i, l_i, z_target, max_a = _sweep_columns(
-                a, s_a, ga, s_ga, rows, a_rows, row_mask, norm_a, gnorm_a, thr,
-                a, s_a, ga, s_ga, norms_a, gnorms_a, B,
+                a, s_a, ga, s_ga, rows, a_rows, row_mask, norm_a, gnorm_a, thr, tie_a,
+                a, s_a, ga, s_ga, norms_a, gnorms_a, gids, B,
                 m_i, l_i, z_target, acc_a, max_a, d, dg, offset, inv_temp,
                 False, WITH_GRAD, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
             )  # fmt: skip
@@ -445,9 +462,10 @@ def row_pass_kernel(
         if CONTRAST_POSITIVES:
             norm_po = _load_norms(norms_p, p_rows, row_mask)
             gnorm_po = _load_norms(gnorms_p, p_rows, row_mask)
+            tie_p = tl.load(ties + B + rows, mask=row_mask, other=0)
             m_i, l_i, z_target, max_p = _sweep_columns(
-                p, s_p, gp, s_gp, rows, p_rows, row_mask, norm_po, gnorm_po, thr,
-                p, s_p, gp, s_gp, norms_p, gnorms_p, P,
+                p, s_p, gp, s_gp, rows, p_rows, row_mask, norm_po, gnorm_po, thr, tie_p,
+                p, s_p, gp, s_gp, norms_p, gnorms_p, gids + B, P,
                 m_i, l_i, z_target, acc_p, max_p, d, dg, offset, inv_temp,
                 False, WITH_GRAD, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
             )  # fmt: skip
@@ -455,9 +473,9 @@ def row_pass_kernel(
         for m in range(num_neg):
             m64 = tl.cast(m, tl.int64)
             m_i, l_i, z_target, max_a = _sweep_columns(
-                a, s_a, ga, s_ga, rows, a_rows, row_mask, norm_a, gnorm_a, thr,
+                a, s_a, ga, s_ga, rows, a_rows, row_mask, norm_a, gnorm_a, thr, tie_a,
                 n + m64 * s_nm, s_n, gn + m64 * s_gnm, s_gn,
-                norms + B + P + m64 * P, gnorms + B + P + m64 * P, P,
+                norms + B + P + m64 * P, gnorms + B + P + m64 * P, gids + B + P + m64 * P, P,
                 m_i, l_i, z_target, acc_a, max_a, d, dg, offset, inv_temp,
                 False, WITH_GRAD, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
             )  # fmt: skip
@@ -512,7 +530,9 @@ def _sweep_rows(
     col_mask,
     norm_y,
     gnorm_y,
-    # per-row vectors of pass 1
+    col_ids,
+    # per-row vectors of pass 1 (and the rows' tie codes)
+    ties,
     thr_ptr,
     weight_ptr,
     lse_ptr,
@@ -538,9 +558,10 @@ def _sweep_rows(
         norm_x = _load_norms(norms_x, x_rows, row_mask)
         gnorm_x = _load_norms(gnorms_x, x_rows, row_mask)
         thr = tl.load(thr_ptr + rows, mask=row_mask, other=0.0)
+        row_tie = tl.load(ties + rows, mask=row_mask, other=0)
         z, is_target = _logit_tile(
             x, s_x, gx, s_gx, x_rows, norm_x, gnorm_x, y, s_y, gy, s_gy, cols64, norm_y, gnorm_y,
-            rows, row_mask, cols, col_mask, thr, d, dg, offset, inv_temp,
+            rows, row_mask, cols, col_mask, thr, row_tie, col_ids, d, dg, offset, inv_temp,
             IS_TARGET_BLOCK, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
         )  # fmt: skip
         lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
@@ -574,6 +595,8 @@ def column_pass_kernel(
     gn,
     norms,
     gnorms,
+    gids,
+    ties,
     thr_ptr,
     weight_ptr,
     lse_ptr,
@@ -621,30 +644,32 @@ def column_pass_kernel(
         if SOURCE == 0:
             norm_y = _load_norms(norms, cols, col_mask)
             gnorm_y = _load_norms(gnorms, cols, col_mask)
+            col_ids = tl.load(gids + cols, mask=col_mask, other=-1)
             # AA: rows are the anchors.
             _sweep_rows(
                 a, s_a, ga, s_ga, norms, gnorms, 0,
-                a, s_a, ga, s_ga, cols, cols64, col_mask, norm_y, gnorm_y,
-                thr_ptr, weight_ptr, lse_ptr, acc, B, d, dg, offset, inv_temp,
+                a, s_a, ga, s_ga, cols, cols64, col_mask, norm_y, gnorm_y, col_ids,
+                ties, thr_ptr, weight_ptr, lse_ptr, acc, B, d, dg, offset, inv_temp,
                 False, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
             )  # fmt: skip
             y, s_y, norms_y, out_rows = a, s_a, norms, cols64
         elif SOURCE == 1:
             norm_y = _load_norms(norms + B, cols, col_mask)
             gnorm_y = _load_norms(gnorms + B, cols, col_mask)
+            col_ids = tl.load(gids + B + cols, mask=col_mask, other=-1)
             # AP: rows are the anchors, the target o + i included.
             _sweep_rows(
                 a, s_a, ga, s_ga, norms, gnorms, 0,
-                p, s_p, gp, s_gp, cols, cols64, col_mask, norm_y, gnorm_y,
-                thr_ptr, weight_ptr, lse_ptr, acc, B, d, dg, offset, inv_temp,
+                p, s_p, gp, s_gp, cols, cols64, col_mask, norm_y, gnorm_y, col_ids,
+                ties, thr_ptr, weight_ptr, lse_ptr, acc, B, d, dg, offset, inv_temp,
                 True, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
             )  # fmt: skip
             if CONTRAST_POSITIVES:
                 # PP: rows are the own positives o + i.
                 _sweep_rows(
                     p, s_p, gp, s_gp, norms + B, gnorms + B, offset,
-                    p, s_p, gp, s_gp, cols, cols64, col_mask, norm_y, gnorm_y,
-                    thr_ptr, weight_ptr, lse_ptr, acc, B, d, dg, offset, inv_temp,
+                    p, s_p, gp, s_gp, cols, cols64, col_mask, norm_y, gnorm_y, col_ids,
+                    ties + B, thr_ptr, weight_ptr, lse_ptr, acc, B, d, dg, offset, inv_temp,
                     False, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
                 )  # fmt: skip
             y, s_y, norms_y, out_rows = p, s_p, norms + B, cols64
@@ -652,12 +677,13 @@ def column_pass_kernel(
             norms_y = norms + B + P + m64 * P
             norm_y = _load_norms(norms_y, cols, col_mask)
             gnorm_y = _load_norms(gnorms + B + P + m64 * P, cols, col_mask)
+            col_ids = tl.load(gids + B + P + m64 * P + cols, mask=col_mask, other=-1)
             y = n + m64 * s_nm
             # AN_m: rows are the anchors.
             _sweep_rows(
                 a, s_a, ga, s_ga, norms, gnorms, 0,
-                y, s_n, gn + m64 * s_gnm, s_gn, cols, cols64, col_mask, norm_y, gnorm_y,
-                thr_ptr, weight_ptr, lse_ptr, acc, B, d, dg, offset, inv_temp,
+                y, s_n, gn + m64 * s_gnm, s_gn, cols, cols64, col_mask, norm_y, gnorm_y, col_ids,
+                ties, thr_ptr, weight_ptr, lse_ptr, acc, B, d, dg, offset, inv_temp,
                 False, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
             )  # fmt: skip
             s_y, out_rows = s_n, m64 * P + cols64
