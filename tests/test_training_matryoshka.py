@@ -13,6 +13,7 @@ import gist_fast.training.trainer as trainer_mod
 from gist_fast import gist_loss
 from gist_fast.cli import main
 from gist_fast.training import TrainConfig, Trainer
+from gist_fast.training.checkpoint import latest_checkpoint
 from gist_fast.training.data import load_pairs
 from gist_fast.training.evaluation import METRICS, metrics_by_dim, retrieval_metrics
 from gist_fast.training.gradcache import LossOptions, gradcache_step
@@ -234,7 +235,7 @@ def test_a_training_step_uses_the_matryoshka_loss(files, tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------ evaluation and the saved model
 @pytest.fixture(scope="module")
 def run(files):
-    trainer = Trainer(_config(files, files["root"] / "run", eval_data=files["eval"]))
+    trainer = Trainer(_config(files, files["root"] / "run", eval_data=files["eval"], save_steps=1))
     return trainer, trainer.train()
 
 
@@ -296,6 +297,8 @@ def test_saved_model_records_its_sizes_and_loads_truncated(run, files):
     path = files["root"] / "run"
     config = json.loads((path / "config_sentence_transformers.json").read_text())
     assert config["matryoshka_dims"] == DIMS and "truncate_dim" not in config
+    checkpoint = latest_checkpoint(path) / "model"  # the checkpoints' models record them too
+    assert json.loads((checkpoint / "config_sentence_transformers.json").read_text())["matryoshka_dims"] == DIMS
     texts = [r["anchor"] for r in _pairs(6, _seed("texts"))]
     trainer.student.eval()
     full = trainer.student.encode(texts)

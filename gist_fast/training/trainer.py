@@ -25,6 +25,7 @@ from .gradcache import LossOptions, NonFiniteLossError, StepPhases, gradcache_st
 from .guide_cache import load_or_compute_guide
 from .matryoshka import RecordingDims, check_dims_fit, embedding_dim
 from .rundir import RunLock, prepare_run_directory
+from .tokens import TokenCache
 
 
 class TrainingInterrupted(Exception):
@@ -350,9 +351,8 @@ class Trainer:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             self._loop(student, train, table, log, resume_from)
-            if info.is_main:  # atomic, with a checksum manifest; records the Matryoshka sizes when trained with them
-                dims = cfg.matryoshka_dims
-                save_final_model(student if dims is None else RecordingDims(student, dims), self.output)
+            if info.is_main:
+                save_final_model(self._saved(student), self.output)  # atomic, with a checksum manifest
             self._say(f"final model saved in {self.output}")
             if held is not None and info.is_main:
                 self.results["after"] = self._evaluate(student, held, log, "after")
@@ -367,6 +367,12 @@ class Trainer:
         if info.is_main:
             atomic_write_text(self.output / "results.json", json.dumps(self.results, indent=2) + "\n")
         return self.results
+
+    def _saved(self, student: Encoder) -> Any:
+        """What the checkpoints and the final model save: the student, recording its Matryoshka sizes
+        (in ``config_sentence_transformers.json``) when it is trained with them."""
+        dims = self.config.matryoshka_dims
+        return student if dims is None else RecordingDims(student, dims)
 
     def _evaluate(self, encoder: Encoder, held: PairData, log: MetricsLog, when: str) -> dict:
         dims = self.config.matryoshka_dims if encoder is self.student else None  # not the guide's sizes
@@ -422,6 +428,7 @@ class Trainer:
         )
         student.train()
         columns = train.columns()
+        tokens = TokenCache(student.tokenizer, student.max_seq_length)  # every text tokenized once per run
         last_ckpt = resume_from
         previous = signal.getsignal(signal.SIGINT)
         self._stop_requested = False
@@ -474,6 +481,7 @@ class Trainer:
                         loss_options=loss_options,
                         autocast_dtype=self.autocast_dtype,
                         phases=phases,
+                        token_cache=tokens,
                     )
                     dtrain.all_reduce_gradients(info, params)  # the mean over ranks: the global batch's gradient
                     loss = dtrain.mean_over_ranks(info, loss)  # the global batch's loss, for the log
@@ -517,7 +525,9 @@ class Trainer:
                 self._stop_requested = dtrain.any_rank(info, self._stop_requested)  # all ranks stop together
                 if (cfg.save_steps and step % cfg.save_steps == 0 and not is_last) or self._stop_requested:
                     if info.is_main:
-                        last_ckpt = save_checkpoint(self.output, student, optimizer, scheduler, step, identity)
+                        last_ckpt = save_checkpoint(
+                            self.output, self._saved(student), optimizer, scheduler, step, identity
+                        )
                         prune_checkpoints(self.output, cfg.save_total_limit, keep=last_ckpt)
                         log.write(event="checkpoint", step=step, path=str(last_ckpt))
                     last_ckpt = dtrain.broadcast_object(info, last_ckpt)
