@@ -77,7 +77,7 @@ def measure(batch: int, repeats: int) -> dict:
             times[b].append(seconds)
             print(f"  B={batch} {b}: {seconds:.3f} s", file=sys.stderr, flush=True)
     med = {b: statistics.median(t) for b, t in times.items()}
-    flops = 2 * batch * (4 * batch) * (3 * DIM + GUIDE_DIM)  # the useful minimum, DESIGN.md 3
+    flops = 2 * batch * (4 * batch) * (3 * DIM + GUIDE_DIM)  # the useful minimum (benchmarks/NOTES.md)
     return {
         "batch": batch,
         "columns": 4 * batch,

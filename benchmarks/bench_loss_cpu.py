@@ -61,9 +61,10 @@ GB = 1e9
 
 # Growth laws and 2-core-CPU constants for the first estimate of each method, before any of its
 # own measurements exist. B x N with N = 4B candidate columns (AP, AA, PP, AN).
-#   reference: ~4 fp32 copies of the B x N logits alive at the peak; time ~ B^2 (0.84 s at 2048 for
-#     DESIGN.md's materialised matmul, 2.3 s at 4096 measured here).
-#   sentence-transformers: B x N x d broadcast temporaries: 4.4 GB and 26 s at B = 512 (DESIGN.md 6).
+#   reference: ~4 fp32 copies of the B x N logits alive at the peak; time ~ B^2 (2.0-2.3 s at 4096
+#     measured here, results/loss_cpu_2core.md).
+#   sentence-transformers: B x N x d broadcast temporaries: 4.94 GB at B = 512
+#     (results/loss_cpu_2core_b512_1thread.md); ~26 s a run there on an unloaded 2-core CPU.
 #   torch: linear memory, ~16 B x d fp32 vectors (inputs' gradients, accumulators, normalised
 #     copies) plus a few tiles; time ~ B^2 like reference.
 MEMORY_LAW = {"reference": 2, "sentence-transformers": 2, "torch": 1}
@@ -277,7 +278,7 @@ def worker(method: str, batch: int, repeats: int, full_warmup: bool) -> dict:
 
 
 def useful_flops(batch: int) -> float:
-    """DESIGN.md 3's useful minimum 2BN(3d + dg): S and Gd forward, two gradient products."""
+    """The useful minimum 2BN(3d + dg) (benchmarks/NOTES.md): S and Gd forward, two gradient products."""
     return 2.0 * batch * (4 * batch) * (3 * DIM + GUIDE_DIM)
 
 
@@ -402,7 +403,7 @@ def markdown(results: list[dict], meta: dict) -> str:
         f"- Memory: {meta['memory_method']}; each (method, B) in a fresh subprocess.",
         "- The CPU is shared with other work: compare methods at the same B (run back to back), "
         "i.e. read the ratio column rather than absolute seconds.",
-        "- GFLOP/s*: useful minimum 2BN(3d+dg) (DESIGN.md 3) divided by the median time.",
+        "- GFLOP/s*: useful minimum 2BN(3d+dg) (benchmarks/NOTES.md) divided by the median time.",
         "",
         "| " + " | ".join(HEADER) + " |",
         "|" + "---|" * len(HEADER),
