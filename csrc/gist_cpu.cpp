@@ -1,4 +1,4 @@
-// gist-fast: the GIST loss on the CPU, both passes of DESIGN.md section 3 in native code.
+// gist-fast: the GIST loss on the CPU, both passes of the two-pass plan (benchmarks/NOTES.md) in native code.
 //
 // Pass 1 (forward) walks row tiles, one task per tile, tasks spread over OpenMP threads. For every
 // column tile of every block it forms the student tile S = R_s C_s^T and the guide tile
@@ -47,7 +47,7 @@
 
 namespace {
 
-constexpr double kNormEps = 1e-8;  // x / max(||x||, eps), as DESIGN.md section 1
+constexpr double kNormEps = 1e-8;  // x / max(||x||, eps), as docs/loss.md
 
 // ---------------------------------------------------------------------------------------------
 // exp that vectorises: Cody-Waite range reduction, a degree-6 polynomial (Cephes expf) and the

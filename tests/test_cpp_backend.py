@@ -213,7 +213,7 @@ def test_deterministic_and_independent_of_thread_count():
             assert torch.equal(a, b)
 
 
-# --- the cases of DESIGN.md section 1 -------------------------------------------------------
+# --- the cases of docs/loss.md --------------------------------------------------------------
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

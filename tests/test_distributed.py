@@ -131,7 +131,7 @@ def _worker(rank: int, world: int, port: int, path: str) -> None:
 
 
 def reference_rank_loss(case: dict, rank: int, student: list[torch.Tensor], guide: list[torch.Tensor]):
-    """One process: rank's anchors against all candidates, target offset rank·B (DESIGN.md 1)."""
+    """One process: rank's anchors against all candidates, target offset rank·B (docs/loss.md)."""
     from gist_fast.backends.reference import gist_loss_reference
     from gist_fast.inputs import validate
 

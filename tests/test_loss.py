@@ -69,7 +69,7 @@ def test_option_cross_product_float64(backend, options):
 @pytest.mark.parametrize("batch", BATCHES)
 def test_shapes_float32(batch, dim, k):
     rng = rng_for("shapes", batch, dim, k)
-    # A guide dim of 1 makes every guide cosine +-1: all ties, decided by rounding (DESIGN.md 1).
+    # A guide dim of 1 makes every guide cosine +-1: all ties, decided by rounding (docs/loss.md).
     guide_dim = rng.choice([g for g in DIMS if g not in (dim, 1)])
     options = {key: rng.choice(values) for key, values in [("margin", [0.0, 0.05, 0.1, -0.1])]}
     options["margin_strategy"] = rng.choice(["absolute", "relative"])
@@ -173,7 +173,7 @@ def test_gradcheck_float64(backend, reduction):
         assert torch.autograd.gradcheck(fn, tuple(student), eps=1e-6, atol=1e-7)
 
 
-# --- the cases of DESIGN.md section 1 -------------------------------------------------------
+# --- the cases of docs/loss.md --------------------------------------------------------------
 
 
 def _basis(*indices: int, dim: int = 4) -> torch.Tensor:
@@ -225,7 +225,7 @@ def test_relative_margin_with_negative_positive_similarity(backend):
 def test_anchor_equal_to_positive(backend):
     """a_i == p_i: the target logit is 1/tau, the loss stays finite and matches the oracle. When the
     guide too sees identical texts, the AA and PP diagonals tie with t_i = 1 at margin 0 (decided by
-    rounding either way, DESIGN.md 1), so the guide case uses a margin that settles them."""
+    rounding either way, docs/loss.md), so the guide case uses a margin that settles them."""
     rng = rng_for("anchor-eq-positive", backend)
     problem = draw_problem(rng, 9, 8, 6, 1, options={"reduction": "none", "temperature": 0.01})
     problem.student[1] = problem.student[0].clone() * 3.0

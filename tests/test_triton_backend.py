@@ -41,7 +41,7 @@ from gist_fast.inputs import validate  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
-# bf16 runs everywhere (the interpreter takes its dots in fp32, DESIGN.md 4).
+# bf16 runs everywhere (the interpreter takes its dots in fp32: its bf16 dot is wrong).
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DEFAULT_OPTIONS = {
     "temperature": 0.01,

@@ -1,4 +1,4 @@
-"""The native C++ CPU backend: the two-pass plan of DESIGN.md section 3 in one fused kernel.
+"""The native C++ CPU backend: the two-pass plan (benchmarks/NOTES.md) in one fused kernel.
 
 The kernel lives in ``csrc/gist_cpu.cpp`` and is compiled on first use with ninja through
 ``torch.utils.cpp_extension.load`` (about a minute, once per torch / Python version: the build is

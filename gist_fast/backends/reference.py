@@ -1,4 +1,4 @@
-"""The reference backend: DESIGN.md section 1 written as plainly as possible.
+"""The reference backend: docs/loss.md written as plainly as possible.
 
 Every block of logits is materialised (B x N floats in all), masked and fed to one cross-entropy;
 autograd supplies the gradients.

@@ -1,4 +1,4 @@
-"""The tiled PyTorch backend: the two-pass plan of DESIGN.md sections 2-3, in plain torch ops.
+"""The tiled PyTorch backend: the two-pass plan (docs/loss.md, benchmarks/NOTES.md) in plain torch ops.
 
 Memory is linear in the batch: besides the inputs and their gradients it holds one
 (tile_rows x tile_cols) tile of logits at a time and a few vectors of length B.

@@ -8,7 +8,7 @@ beyond the inputs and their gradients: a few fp32 vectors of length B + (k+1) P 
 fp32 scratch of ``programs x BLOCK x d``.
 
 Under ``TRITON_INTERPRET=1`` the kernels run on the CPU (slowly) with fp32 dots for bf16 inputs,
-whose dot the interpreter gets wrong (DESIGN.md 4).
+whose dot the interpreter gets wrong (triton 3.9 on a CPU multiplies bf16 bit patterns).
 """
 
 from __future__ import annotations
@@ -411,7 +411,7 @@ class _GISTTritonFunction(torch.autograd.Function):
 def gist_loss_triton(inputs: GISTInputs, options: GISTOptions, *, blocks: Blocks | Chunks | None = None) -> Tensor:
     """Fused two-pass GIST loss in Triton (CUDA, or the CPU interpreter with TRITON_INTERPRET=1).
 
-    Exactly the loss of DESIGN.md 1 (as ``backend="reference"``), with memory linear in B: the
+    Exactly the loss of docs/loss.md (as ``backend="reference"``), with memory linear in B: the
     B x N logits are never materialised. fp32, fp16 and bf16 inputs are read as stored when their
     features are contiguous (any row stride; otherwise a contiguous copy is made); dots accumulate
     in fp32, lse and the target term are fp32, gradients come back in each input's dtype. Float64

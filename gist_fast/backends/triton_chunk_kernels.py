@@ -217,7 +217,7 @@ def scaled_gemm_kernel(
         b_rows = b_row0 + rk.to(tl.int64)
         bv = tl.load(b + b_rows[:, None] * s_b + rn[None, :], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         # The scales are powers of two, so the scaled A tile in b's dtype is exact (barring
-        # underflow); under the interpreter, whose 16-bit dot is wrong (DESIGN.md 4), the dot runs
+        # underflow); under the interpreter, whose 16-bit dot is wrong, the dot runs
         # in fp32 on the same values.
         av = av.to(tl.float32)
         if HAS_K_SCALE:

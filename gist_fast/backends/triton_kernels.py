@@ -1,6 +1,6 @@
-"""Triton kernels of the GIST loss: the two-pass plan of DESIGN.md sections 2-3.
+"""Triton kernels of the GIST loss: the two-pass plan (gradients: docs/loss.md; plan: benchmarks/NOTES.md).
 
-Notation (DESIGN.md 1-2): rows are anchors i (PP rows: positives o + i), columns j come from one
+Notation (docs/loss.md): rows are anchors i (PP rows: positives o + i), columns j come from one
 input per block (AP: positives, AA: anchors, PP: positives, AN_m: negative column m). Every input
 is read as stored (fp32/fp16/bf16, any row stride; features contiguous, which lets Triton pipeline
 the loads); cosines are formed from raw dot products and the row norms, so no normalised copy of
@@ -92,7 +92,7 @@ def _dot_tile(
         xv = tl.load(x + rows[:, None] * s_x + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         # y is read transposed (BLOCK_K x BLOCK_N), as K is in the fused-attention tutorial.
         yv = tl.load(y + cols[None, :] * s_y + ks[:, None], mask=col_mask[None, :] & k_mask[:, None], other=0.0)
-        if UPCAST:  # the interpreter's bf16 dot is wrong (DESIGN.md 4)
+        if UPCAST:  # the interpreter's bf16 dot is wrong
             xv = xv.to(tl.float32)
             yv = yv.to(tl.float32)
         acc = tl.dot(xv, yv, acc, input_precision=PRECISION)
