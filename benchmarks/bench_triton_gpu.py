@@ -27,7 +27,7 @@ What it does, in order, under one time budget (``--budget-s``, default 500 s):
    run whose predicted time exceeds the remaining budget is recorded as skipped.
 
 Effective TFLOP/s = 2 B N (3d + dg) / time, N = all candidate columns (4B here): the useful work of
-the forward similarities and the two gradient products (DESIGN.md 3).
+the forward similarities and the two gradient products (benchmarks/NOTES.md).
 
 Results go to ``--out`` (default benchmarks/results/): ``triton_gpu_<gpu>.json``, ``.md`` (a table)
 and ``.png`` (time and memory against B, one panel row per d), naming the GPU and the versions. The
