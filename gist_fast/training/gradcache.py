@@ -26,7 +26,7 @@ from torch import Tensor
 from .. import gist_loss
 from .distributed import global_anchor_block
 from .encoders import Encoder, autocast
-from .tokens import TokenizedPool, to_device, tokenize_pool  # noqa: F401 - TokenizedPool: re-exported
+from .tokens import TokenCache, TokenizedPool, to_device, tokenize_pool  # noqa: F401 - TokenizedPool: re-exported
 
 
 class NonFiniteLossError(RuntimeError):
@@ -140,6 +140,7 @@ def gradcache_step(
     autocast_dtype: torch.dtype | None = None,
     sort_by_length: bool = True,
     phases: StepPhases | None = None,
+    token_cache: TokenCache | None = None,
 ) -> Tensor:
     """Run one GradCache forward/backward: parameter ``.grad`` of ``encoder`` is accumulated.
 
@@ -152,6 +153,8 @@ def gradcache_step(
         autocast_dtype: e.g. ``torch.bfloat16`` on CUDA; None runs in the weights' dtype.
         sort_by_length: group texts of similar token length into mini-batches (less padding).
         phases: a :class:`StepPhases` to time the step's phases (read it after the step).
+        token_cache: a :class:`~gist_fast.training.tokens.TokenCache` of the encoder's tokenizer and
+            token limit, kept between steps: a text is tokenized once per training run.
 
     Returns:
         The loss, a detached scalar on the CPU. Its value is read from the device once, for the
@@ -178,7 +181,7 @@ def gradcache_step(
     mark()
     batch = len(columns[0])
     texts = [t for col in columns for t in col]
-    pool = tokenize_pool(encoder, texts, mini_batch_size, sort_by_length)
+    pool = tokenize_pool(encoder, texts, mini_batch_size, sort_by_length, cache=token_cache)
     device = encoder.device
     on_cuda = device.type == "cuda"
     # every mini-batch's row indices go to the device in one copy; features are padded once (pinned

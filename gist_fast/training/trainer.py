@@ -25,6 +25,7 @@ from .gradcache import LossOptions, NonFiniteLossError, StepPhases, gradcache_st
 from .guide_cache import load_or_compute_guide
 from .matryoshka import RecordingDims, check_dims_fit, embedding_dim
 from .rundir import RunLock, prepare_run_directory
+from .tokens import TokenCache
 
 
 class TrainingInterrupted(Exception):
@@ -427,6 +428,7 @@ class Trainer:
         )
         student.train()
         columns = train.columns()
+        tokens = TokenCache(student.tokenizer, student.max_seq_length)  # every text tokenized once per run
         last_ckpt = resume_from
         previous = signal.getsignal(signal.SIGINT)
         self._stop_requested = False
@@ -479,6 +481,7 @@ class Trainer:
                         loss_options=loss_options,
                         autocast_dtype=self.autocast_dtype,
                         phases=phases,
+                        token_cache=tokens,
                     )
                     dtrain.all_reduce_gradients(info, params)  # the mean over ranks: the global batch's gradient
                     loss = dtrain.mean_over_ranks(info, loss)  # the global batch's loss, for the log
