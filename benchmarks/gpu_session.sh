@@ -8,7 +8,8 @@
 #   2. the benchmark within a 200 s budget: the float64 correctness check (both Triton plans,
 #      "torch", the materialised bf16 loss), the card's rates, the profile of each plan, and the
 #      d = 768 sweep at B = 16384, 32768, 65536 of the Triton plans and the materialised bf16 loss;
-#   3. a slot for the training benchmark (below), empty for now.
+#   3. the training benchmark (issue 11) in what stages 1 and 2 leave of 420 s, at most 170 s (below);
+#      tests/test_training_gpu.py runs with the suite of stage 1.
 # Everything lands in the given folder: gpu.txt (nvidia-smi and each stage's seconds), tests.log,
 # bench.log and the benchmark's triton_gpu_<gpu>.{json,md,png}: 6 files of the 8 a device call
 # returns (the training benchmark may add 2).
