@@ -33,7 +33,6 @@ from problems import (
 import gist_fast
 from gist_fast import backends
 from gist_fast.backends.common import has_one_pass_matryoshka
-from gist_fast.backends.matryoshka import compose_per_dimension
 from gist_fast.inputs import validate
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -176,10 +175,7 @@ def test_torch_backend_small_tiles():
 
         def loss_fn(a, p, ga, gp, n, gn, **opts):
             inputs, parsed = validate(a, p, ga, gp, n, gn, **opts)
-            tiled = functools.partial(gist_loss_torch, tile_rows=5, tile_cols=7)
-            if has_one_pass_matryoshka(gist_loss_torch):
-                return tiled(inputs, parsed)
-            return compose_per_dimension(tiled, inputs, parsed)
+            return gist_loss_torch(inputs, parsed, tile_rows=5, tile_cols=7)
 
         assert_matches_composition(loss_fn, problem, dims, draw_weights(rng, dims), torch.float64)
 
@@ -282,3 +278,42 @@ def test_bad_dims_and_weights_are_named(kwargs, error, match):
         gist_fast.gist_loss(a, p, ga, gp, **kwargs)
     with pytest.raises(error, match=match):
         gist_fast.GISTLoss(**kwargs)(a, p, ga, gp)
+
+
+def test_one_pass_backends_are_marked():
+    """The backends that compute every dim in one pass say so (the dispatcher composes the others)."""
+    from gist_fast.backends.reference import gist_loss_reference
+    from gist_fast.backends.torch_tiled import gist_loss_torch
+
+    assert has_one_pass_matryoshka(gist_loss_reference)
+    assert has_one_pass_matryoshka(gist_loss_torch)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_torch_guide_mask_once_per_tile_for_all_dims(monkeypatch, reduction):
+    """The torch one-pass path forms each tile's guide mask once, however many dims: as many mask
+    tiles for five dims as for one, and as the plain loss forms."""
+    from gist_fast.backends import torch_matryoshka, torch_tiled
+
+    counted = []
+    for module in (torch_matryoshka, torch_tiled):
+        real = module.guide_mask
+        monkeypatch.setattr(module, "guide_mask", lambda *a, real=real: counted.append(1) or real(*a))
+    rng = rng_for("matryoshka-mask-once")
+    # temperature 0.1: logits within 20 of each other, so no tile takes the rare re-shift path
+    options = {key: rng.choice(values) for key, values in OPTION_GRID.items()}
+    problem = draw_problem(rng, 13, 40, 12, 1, options=options | {"reduction": reduction, "temperature": 0.1})
+
+    def mask_tiles(**extra) -> int:
+        counted.clear()
+        student, guide = problem.args()
+        inputs, opts = validate(student[0], student[1], guide[0], guide[1], student[2:], guide[2:], **problem.options,
+                                **extra)  # fmt: skip
+        loss = backends.run("torch", inputs, opts)  # what gist_loss(backend="torch") runs
+        loss.sum().backward()
+        return len(counted)
+
+    plain = mask_tiles()
+    assert plain > 0
+    assert mask_tiles(matryoshka_dims=(40,)) == plain
+    assert mask_tiles(matryoshka_dims=(40, 33, 17, 5, 1)) == plain

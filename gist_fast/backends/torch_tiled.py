@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..inputs import NORM_EPS, GISTInputs, GISTOptions
-from .common import reduce, refuse_double_backward, row_weight
+from .common import one_pass_matryoshka, reduce, refuse_double_backward, row_weight
 from .ties import TieIds, guide_mask, masked_at_tie, tie_ids
 
 TILE_ROWS = 1024
@@ -445,15 +445,21 @@ def _all_gradients(tiler, inputs, options, lse, threshold, tie_masked, e_a, e_p,
     return _through_normalisation(tiler, grads_hat, tile_rows)
 
 
+@one_pass_matryoshka
 def gist_loss_torch(
     inputs: GISTInputs, options: GISTOptions, *, tile_rows: int = TILE_ROWS, tile_cols: int = TILE_COLS
 ) -> Tensor:
     """Tiled GIST loss (any device torch supports); memory linear in B.
 
-    `tile_rows` x `tile_cols` bounds the logit tile held at once.
+    `tile_rows` x `tile_cols` bounds the logit tile held at once. With ``options.matryoshka_dims``
+    every prefix dim comes from one sweep (`torch_matryoshka`).
     """
     if tile_rows < 1 or tile_cols < 1:
         raise ValueError(f"tile sizes must be >= 1; got tile_rows={tile_rows}, tile_cols={tile_cols}")
+    if options.matryoshka_dims is not None:
+        from .torch_matryoshka import gist_loss_torch_matryoshka  # it builds on this module
+
+        return gist_loss_torch_matryoshka(inputs, options, tile_rows=tile_rows, tile_cols=tile_cols)
     return _GISTTiledFunction.apply(
         options,
         len(inputs.negatives),
