@@ -22,9 +22,11 @@ from torch import Tensor
 
 from ..inputs import NORM_EPS, GISTInputs, GISTOptions
 from . import triton_kernels as K
-from .common import reduce, refuse_double_backward, row_weight
+from .common import one_pass_matryoshka, reduce, refuse_double_backward, row_weight
+from .matryoshka import compose_per_dimension
 from .ties import guide_row_ids, masked_at_tie
 from .triton_chunked import Chunks, run_chunked
+from .triton_matryoshka import run_chunked_matryoshka
 
 RETAIN_GRAPH_ERROR = (
     "gist_fast: the Triton backend computes the gradients of reduction='mean'/'sum' in the forward "
@@ -344,6 +346,17 @@ def _run_passes(problem: _Problem, weight: Tensor, with_grad: bool, blocks: Bloc
     return lse, target, (grad_a, grad_p, grad_n)
 
 
+def _losses_and_gradients(problem: _Problem, weight: Tensor, with_grad: bool, blocks: Blocks | Chunks):
+    """The per-row losses (B,) and, with_grad, the gradients of sum_i weight_i loss_i: one plain
+    loss by `_run_passes`, or with ``matryoshka_dims`` (the chunked plan only) every prefix dim's in
+    one sweep (`triton_matryoshka`)."""
+    if problem.options.matryoshka_dims is not None:
+        return run_chunked_matryoshka(problem, weight, with_grad, blocks, _kernel_flags(problem), _row_dots)
+    lse, target, grads = _run_passes(problem, weight, with_grad, blocks)
+    # The exact loss is >= 0 (lse includes the target); clamping only removes round-off.
+    return (lse - target).clamp_min(0.0), grads
+
+
 def _row_weights(options: GISTOptions, B: int, device: torch.device) -> Tensor:
     """w_i of G = (P - 1[target]) w_i / tau: 1/B for mean, 1 for sum."""
     return torch.full((B,), row_weight(options, B), device=device, dtype=torch.float32)
@@ -366,9 +379,7 @@ class _GISTTritonFunction(torch.autograd.Function):
         needs_grad = any(ctx.needs_input_grad[3 : 5 + k])
         eager_grad = needs_grad and options.reduction != "none"
         weight = _row_weights(options, B, problem.a.device)
-        lse, target, grads = _run_passes(problem, weight, eager_grad, blocks)
-        # The exact loss is >= 0 (lse includes the target); clamping only removes round-off.
-        losses = (lse - target).clamp_min(0.0)
+        losses, grads = _losses_and_gradients(problem, weight, eager_grad, blocks)
         loss = reduce(losses, options.reduction)
 
         ctx.options, ctx.k, ctx.blocks = options, k, blocks
@@ -391,7 +402,7 @@ class _GISTTritonFunction(torch.autograd.Function):
             tensors = ctx.saved_tensors
             problem = _prepare(tensors[: 2 + k], tensors[2 + k :], ctx.options)
             weight = grad_out.detach().to(torch.float32).contiguous()
-            _, _, grads = _run_passes(problem, weight, True, ctx.blocks)
+            _, grads = _losses_and_gradients(problem, weight, True, ctx.blocks)
             grads = _split(grads, tensors[0].shape[1])
         else:
             grads, ctx.grads = ctx.grads, None
@@ -441,14 +452,19 @@ def gist_loss_triton(inputs: GISTInputs, options: GISTOptions, *, blocks: Blocks
         from .torch_tiled import gist_loss_torch
 
         return gist_loss_torch(inputs, options)
+    blocks = blocks or default_blocks()
+    if options.matryoshka_dims is not None and not isinstance(blocks, Chunks):
+        # The fused plan has no one-pass Matryoshka path: one call per dim (benchmarks/NOTES.md).
+        return compose_per_dimension(lambda i, o: gist_loss_triton(i, o, blocks=blocks), inputs, options)
     if inputs.anchor.device.type != "cuda" and not interpreting():
         raise RuntimeError(
             "the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported, "
             "to run its kernels on the CPU); use backend='torch' on the CPU"
         )
-    return _GISTTritonFunction.apply(options, len(inputs.negatives), blocks or default_blocks(), *tensors)
+    return _GISTTritonFunction.apply(options, len(inputs.negatives), blocks, *tensors)
 
 
+@one_pass_matryoshka
 def gist_loss_triton_chunked(inputs: GISTInputs, options: GISTOptions) -> Tensor:
     """``backend="triton_chunked"``: the Triton backend with the chunked plan (`Chunks`,
     benchmarks/NOTES.md v3): per chunk of rows x columns, a tile kernel writes the probabilities

@@ -28,7 +28,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_kernels import _load_norms, _logit_tile
+from .triton_kernels import _dot_tile, _load_norms, _logit_tile
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 
@@ -287,3 +287,142 @@ def chunk_stats_kernel(
         previous_ref = tl.load(ref + rows, mask=row_mask, other=float("-inf"))
         tl.store(alpha + rows, _pow2_exact(previous_ref - shift), mask=row_mask)
         tl.store(ref + rows, new, mask=row_mask)  # stays -inf while the row has no entry (acc still 0)
+
+
+@triton.jit
+def matryoshka_tile_kernel(
+    # the row input (student, guide; row i of the block is row x_shift + i); its prefix norms
+    # (NUM_DIMS rows of stride s_pn, one per dim) and guide norms
+    x,
+    s_x,
+    gx,
+    s_gx,
+    pnorms_x,
+    gnorms_x,
+    x_shift,
+    # the column input (column j of the block is row j), its prefix norms, guide norms, guide ids
+    y,
+    s_y,
+    gy,
+    s_gy,
+    pnorms_y,
+    gnorms_y,
+    gids_y,
+    s_pn,
+    # (NUM_DIMS + 1,) int32: 0 and the dims ascending; dim k's segment is bounds[k]:bounds[k + 1]
+    bounds,
+    # per anchor row: tie code, threshold; per dim (row stride s_kb): lse (MODE 1), target logits
+    # out (MODE 0, AP)
+    ties,
+    thr_ptr,
+    lse_ptr,
+    target_out,
+    s_kb,
+    # the chunk: anchor rows row0 + [0, n_rows), block columns col0 + [0, n_cols)
+    row0,
+    n_rows,
+    col0,
+    n_cols,
+    # outputs per dim k: W or H at w_out + k s_wk (n_rows x n_cols, row stride s_w); tile stats
+    # at + k s_tk (MODE 0); MODE 1's row coefficients per dim at row_coef + k s_coef
+    w_out,
+    s_w,
+    s_wk,
+    tile_max,
+    tile_sum,
+    tile_exp,
+    s_t,
+    s_tk,
+    row_coef,
+    s_coef,
+    dg,
+    offset,
+    inv_temp,
+    NUM_DIMS: tl.constexpr,
+    MODE: tl.constexpr,
+    IS_TARGET_BLOCK: tl.constexpr,
+    WRITE_W: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """`tile_kernel` for every Matryoshka prefix dim of one tile at once (benchmarks/NOTES.md,
+    Matryoshka): the guide's keep mask once, then one sweep over the student features in ascending
+    segments (a segment's last K block masked at its upper edge); after segment k the running dots
+    are dim k's raw prefix dots, scaled by dim k's prefix norms into its logits, from which dim k's
+    W or H and tile statistics are written exactly as `tile_kernel` writes them for one dim."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    local_rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    local_cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = local_rows < n_rows
+    col_mask = local_cols < n_cols
+    rows = row0 + local_rows  # anchor i
+    cols = col0 + local_cols  # block column j
+    x_rows = rows.to(tl.int64) + x_shift
+    y_cols = cols.to(tl.int64)
+    gnorm_x = _load_norms(gnorms_x, x_rows, row_mask)
+    gnorm_y = _load_norms(gnorms_y, y_cols, col_mask)
+    thr = tl.load(thr_ptr + rows, mask=row_mask, other=0.0)
+    row_tie = tl.load(ties + rows, mask=row_mask, other=0)
+    col_ids = tl.load(gids_y + y_cols, mask=col_mask, other=-1)
+    # The guide's keep mask, shared by every dim (as in `_logit_tile`).
+    guide_dots = _dot_tile(
+        gx, s_gx, x_rows, row_mask, gy, s_gy, y_cols, col_mask, dg, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION
+    )
+    g = tl.math.div_rn(guide_dots, gnorm_x[:, None] * gnorm_y[None, :])
+    is_target = cols[None, :] == (rows + offset)[:, None] if IS_TARGET_BLOCK else cols[None, :] < 0
+    tie = col_ids[None, :] == (row_tie >> 1)[:, None]
+    masked = tl.where(tie, ((row_tie & 1) != 0)[:, None], g > thr[:, None])
+    keep = ((masked == 0) | is_target) & row_mask[:, None] & col_mask[None, :]
+    tile_mask = row_mask[:, None] & col_mask[None, :]
+    local64 = local_rows.to(tl.int64)
+    dots = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(NUM_DIMS):
+        # Segment k of the one sweep: features bounds[k]:bounds[k + 1], added to the running dots.
+        start = tl.load(bounds + k)
+        stop = tl.load(bounds + k + 1)
+        for k0 in range(start, stop, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_mask = ks < stop
+            xv = tl.load(x + x_rows[:, None] * s_x + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            yv = tl.load(y + y_cols[None, :] * s_y + ks[:, None], mask=col_mask[None, :] & k_mask[:, None], other=0.0)
+            if UPCAST:  # the interpreter's bf16 dot is wrong
+                xv = xv.to(tl.float32)
+                yv = yv.to(tl.float32)
+            dots = tl.dot(xv, yv, dots, input_precision=PRECISION)
+        # (Per-dim offsets k * stride stay in int32: the launcher keeps the K chunk matrices under 2^31.)
+        k64 = k
+        norm_x = _load_norms(pnorms_x + k64 * s_pn, x_rows, row_mask)
+        norm_y = _load_norms(pnorms_y + k64 * s_pn, y_cols, col_mask)
+        s = dots * (1.0 / norm_x)[:, None] * (1.0 / norm_y)[None, :]
+        z = tl.where(keep, s * inv_temp, float("-inf"))
+        w_ptr = w_out + k64 * s_wk + local64[:, None] * s_w + local_cols[None, :]
+        if MODE == 0:
+            # As `tile_kernel`: the target left out of W and the sum, rows shifted by whole powers of two.
+            z_other = tl.where(is_target, float("-inf"), z) if IS_TARGET_BLOCK else z
+            m_t = tl.max(z_other, axis=1)
+            q = tl.where(m_t > float("-inf"), tl.ceil(m_t * LOG2E), 0.0)
+            e = tl.exp2(z_other * LOG2E - q[:, None])
+            t_ptr = k64 * s_tk + local64 * s_t + pid_n
+            tl.store(tile_max + t_ptr, tl.where(m_t > float("-inf"), q, float("-inf")), mask=row_mask)
+            tl.store(tile_sum + t_ptr, tl.sum(e, axis=1), mask=row_mask)
+            if WRITE_W:
+                v = e / norm_y[None, :]
+                v_max = tl.max(v, axis=1)
+                v_pos = tl.where(v_max > 0, v_max, 1.0)
+                exp_k = tl.where(v_max > 0, tl.maximum(tl.ceil(tl.log2(v_pos)), -120.0), 0.0)
+                tl.store(tile_exp + t_ptr, exp_k, mask=row_mask)
+                tl.store(w_ptr, (v * _pow2_exact(-exp_k)[:, None]).to(w_out.dtype.element_ty), mask=tile_mask)
+            if IS_TARGET_BLOCK:
+                has_target = tl.max(is_target.to(tl.int32), axis=1) > 0
+                z_target = tl.sum(tl.where(is_target, z, 0.0), axis=1)
+                tl.store(target_out + k64 * s_kb + rows, z_target, mask=row_mask & has_target)
+        else:
+            lse = tl.load(lse_ptr + k64 * s_kb + rows, mask=row_mask, other=0.0)
+            prob = tl.exp(z - lse[:, None])
+            h = tl.where(is_target, prob - 1.0, prob)
+            coef = tl.load(row_coef + k64 * s_coef + local_rows, mask=row_mask, other=0.0)
+            tl.store(w_ptr, (h * coef[:, None]).to(w_out.dtype.element_ty), mask=tile_mask)
