@@ -78,9 +78,10 @@ def gist_loss(
             inputs)``, each L this loss on the first m student features (cosine after truncation,
             as sentence-transformers' ``MatryoshkaLoss`` truncates before its loss normalises),
             with every option, reduction (``"none"``: the per-row weighted sum) and the gather as
-            above. Backends with a one-pass path compute all dims together (the guide mask once,
-            the student dots of every prefix from one sweep over the features); the others are
-            called once per dim.
+            above. The "reference" and "torch" backends compute all dims in one pass (the guide
+            mask once, the student dots of every prefix from one sweep over the features); the
+            others ("cpp", the Triton plans) are called once per dim, which is correct but repeats
+            the guide's work.
         matryoshka_weights: the w_m, one finite number per dim; default all 1.
 
     Returns:
