@@ -55,7 +55,8 @@ def gist_loss(
         contrast_anchors: add the anchor-anchor block.
         contrast_positives: add the positive-positive block.
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (a (B,) tensor).
-        backend: ``"auto"`` (Triton on CUDA, else tiled PyTorch), ``"torch"`` (tiled, memory linear
+        backend: ``"auto"`` (on CUDA the faster Triton plan for the shape, see
+            `gist_fast.backends.triton_plan`; else tiled PyTorch), ``"torch"`` (tiled, memory linear
             in B, any device), ``"triton"`` (fused GPU kernels), ``"triton_chunked"`` (the same
             loss on the GPU as GEMM-shaped kernels per chunk of the logits), ``"cpp"`` (native C++ CPU kernel,
             compiled with ninja on first use; 1.4-2.7x faster than ``"torch"`` on a 2-core CPU),

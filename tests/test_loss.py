@@ -379,6 +379,20 @@ def test_auto_backend_is_torch_on_cpu():
     assert auto_backend(inputs) == "torch"
 
 
+def test_auto_takes_the_measured_faster_triton_plan_for_the_shape():
+    """On an H200 the fused plan won at B = 4096 and the chunked plan at B = 16384 (k = 1)."""
+    from gist_fast.backends import FUSED_PLAN_MAX_LOGITS, triton_plan
+
+    assert triton_plan(4096, 4096, 1) == "triton"
+    assert triton_plan(16384, 16384, 1) == "triton_chunked"
+    assert triton_plan(65536, 65536, 0) == "triton_chunked"
+    # the switch counts every column: more negative columns move it to smaller batches
+    b = 4000
+    assert b * b * 4 < FUSED_PLAN_MAX_LOGITS < b * b * 12
+    assert triton_plan(b, b, 1) == "triton"
+    assert triton_plan(b, b, 9) == "triton_chunked"
+
+
 def test_options_dataclass_threshold():
     t = torch.tensor([0.5, -0.5])
     torch.testing.assert_close(GISTOptions(margin=0.1).threshold(t), torch.tensor([0.4, -0.6]))

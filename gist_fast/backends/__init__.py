@@ -43,11 +43,32 @@ def register_backend(name: str, module: str, function: str) -> None:
     BACKENDS = ("auto", *_BACKENDS)
 
 
+# The fused plan wins on small problems, the chunked plan (GEMM-shaped kernels per chunk of the
+# logits) on large ones. Measured on an H200 (benchmarks/results/gpu_nvidia-h200_2026-11-29/, bf16,
+# d = 768, one negative column): B = 4096 (6.7e7 logits) fused 13.1 ms vs chunked 15.5 ms;
+# B = 16384 (1.1e9 logits) fused 130 ms vs chunked 61 ms. The switch sits between the two.
+FUSED_PLAN_MAX_LOGITS = 2**27
+
+
+def triton_plan(batch: int, candidates: int, negative_columns: int) -> str:
+    """The faster Triton plan for a problem of ``batch`` anchors, ``candidates`` positives and
+    ``negative_columns`` negative columns: ``"triton"`` (fused) below `FUSED_PLAN_MAX_LOGITS` logits
+    (counted with every contrast block), else ``"triton_chunked"``.
+
+    Example:
+        >>> triton_plan(4096, 4096, 1), triton_plan(16384, 16384, 1)
+        ('triton', 'triton_chunked')
+    """
+    logits = batch * (batch + candidates * (2 + negative_columns))
+    return "triton" if logits < FUSED_PLAN_MAX_LOGITS else "triton_chunked"
+
+
 def auto_backend(inputs: GISTInputs) -> str:
-    """The best backend for the inputs' device: the Triton kernels on CUDA where Triton is
-    installed (it is not on every platform torch's CUDA builds run on), else the tiled torch one."""
+    """The best backend for the inputs' device and size: on CUDA where Triton is installed (it is
+    not on every platform torch's CUDA builds run on), the faster Triton plan for the shape
+    (`triton_plan`); else the tiled torch one."""
     if inputs.anchor.device.type == "cuda" and "triton" in _BACKENDS and _triton_installed():
-        return "triton"
+        return triton_plan(inputs.batch_size, inputs.num_candidates, len(inputs.negatives))
     return "torch"
 
 
