@@ -671,7 +671,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter): checks the script runs")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--budget-s", type=float, default=500.0, help="wall-clock budget of the whole run")
-    parser.add_argument("--batches", type=int, nargs="+", default=[4096, 16384, 65536, 262144, 1048576])
+    parser.add_argument("--batches", type=int, nargs="+", default=[4096, 16384, 32768, 65536, 262144, 1048576])
     parser.add_argument("--dims", type=int, nargs="+", default=[768, 384, 1024])
     parser.add_argument("--guide-dim", type=int, default=1024)
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)

@@ -197,8 +197,9 @@ def assert_close_scaled(actual: Tensor, expected: Tensor, tol: float, what: str,
 
     `floor` is the magnitude below which values count as zero: a saturated softmax gives losses of
     1e-10 whose absolute error is set by the logits' scale 1/temperature, not by their own size."""
-    actual = actual.detach().to(torch.float64)
-    expected = expected.detach().to(torch.float64)
+    # Compared on the CPU: a GPU result against a CPU oracle (or the reverse) needs no moving by callers.
+    actual = actual.detach().to("cpu", torch.float64)
+    expected = expected.detach().to("cpu", torch.float64)
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert torch.isfinite(actual).all(), f"{what}: non-finite values"
     scale = max(expected.abs().max().item(), floor)
