@@ -1,0 +1,115 @@
+"""The chunked Triton plan's one-pass Matryoshka loss against the float64 composition of single-dim losses.
+
+The oracle (test_matryoshka.composed) is ``sum_m w_m * reference(student[..., :m]; guide)`` in
+float64 on the inputs rounded to the tested dtype. Under the interpreter (conftest.py) the kernels
+run on the CPU with 16-wide tiles in chunks of 16 rows x 24 columns, so the batches here cross row
+and column chunks and the dims (d itself, 1, 33, 65 and random others) split the 16-wide feature
+blocks unevenly. Tolerances: problems.TOLERANCES (float32 loss 2e-5, gradients 1e-4; fp16 2e-3 and
+bf16 1.6e-2 for gradients), relative to the compared tensor's largest magnitude, floors scaled by the
+sum of |w_m| (test_matryoshka.assert_matches_composition).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("triton")
+
+import torch  # noqa: E402
+from problems import OPTION_GRID, TEMPERATURES, Problem, draw_problem, rng_for  # noqa: E402
+from test_matryoshka import assert_matches_composition, draw_weights  # noqa: E402
+
+import gist_fast  # noqa: E402
+from gist_fast import backends  # noqa: E402
+from gist_fast.backends import triton_chunk_kernels  # noqa: E402
+from gist_fast.backends.common import has_one_pass_matryoshka  # noqa: E402
+from gist_fast.backends.triton_backend import Chunks, gist_loss_triton, gist_loss_triton_chunked  # noqa: E402
+from gist_fast.inputs import validate  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+SMALL_CHUNKS = (
+    Chunks(rows=16, columns=24, tile_m=16, tile_n=16, tile_k=16, gemm_m=16, gemm_n=16, gemm_k=16)
+    if not ON_GPU
+    else Chunks(rows=64, columns=96, tile_m=32, tile_n=32, tile_k=32, gemm_m=32, gemm_n=32, gemm_k=32, stages=2)
+)
+
+
+def one_pass_loss(a, p, ga, gp, n, gn, **options):
+    """The chunked plan called directly (the Matryoshka options reach it; no dispatcher composing)."""
+    inputs, opts = validate(a, p, ga, gp, n, gn, **options)
+    return gist_loss_triton(inputs, opts, blocks=SMALL_CHUNKS)
+
+
+def on_device(problem: Problem) -> Problem:
+    return Problem([t.to(DEVICE) for t in problem.student], [t.to(DEVICE) for t in problem.guide], problem.options)
+
+
+def draw_dims(rng, dim: int) -> tuple[int, ...]:
+    """d, 1, 33 and 65 (no multiple of 16) and maybe one random other, in random order."""
+    dims = {dim, 1, 33, 65}
+    dims.update(rng.sample(range(2, dim), rng.randint(0, 1)))
+    order = list(dims)
+    rng.shuffle(order)
+    return tuple(order)
+
+
+# (dtype, reduction, B, negatives): B = 17 crosses a row chunk, 26 a column chunk too (AA, PP, AN).
+CASES = [
+    (torch.float32, "mean", 26, 1),
+    (torch.float32, "none", 9, 2),
+    (torch.bfloat16, "sum", 17, 0),
+    (torch.float16, "none", 17, 1),
+]
+
+
+@pytest.mark.parametrize(("dtype", "reduction", "batch", "k"), CASES, ids=lambda v: str(v).replace("torch.", ""))
+def test_one_pass_matches_composition(dtype, reduction, batch, k):
+    rng = rng_for("matryoshka-triton", dtype, reduction)
+    options = {key: rng.choice(values) for key, values in OPTION_GRID.items()}
+    options |= {"reduction": reduction, "temperature": rng.choice(TEMPERATURES)}
+    dim = rng.choice([70, 80])
+    problem = on_device(draw_problem(rng, batch, dim, rng.choice([5, 24]), k, options=options))
+    dims = draw_dims(rng, dim)
+    assert_matches_composition(one_pass_loss, problem, dims, draw_weights(rng, dims), dtype)
+
+
+class _Counted:
+    """A kernel whose launches (`kernel[grid](...)`) are counted."""
+
+    def __init__(self, kernel, launches: list):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        self.launches.append(grid)
+        return self.kernel[grid]
+
+
+def test_backend_takes_the_one_pass_path(monkeypatch):
+    """backend="triton_chunked" computes five dims with as many tile launches (each forming the
+    guide mask once) as the plain loss, and no per-dim plain tile launch; the fused plan still composes."""
+    assert has_one_pass_matryoshka(gist_loss_triton_chunked)
+    assert not has_one_pass_matryoshka(gist_loss_triton)
+    plain_tiles, matryoshka_tiles = [], []
+    monkeypatch.setattr(triton_chunk_kernels, "tile_kernel", _Counted(triton_chunk_kernels.tile_kernel, plain_tiles))
+    monkeypatch.setattr(
+        triton_chunk_kernels,
+        "matryoshka_tile_kernel",
+        _Counted(triton_chunk_kernels.matryoshka_tile_kernel, matryoshka_tiles),
+    )
+    rng = rng_for("matryoshka-triton-path")
+    options = {key: rng.choice(values) for key, values in OPTION_GRID.items()} | {"reduction": "mean"}
+    problem = on_device(draw_problem(rng, 5, 40, 8, 1, options=options))
+    student, guide = problem.args(torch.float32)  # (float64 would go to the torch backend)
+
+    def tile_launches(**extra) -> tuple[int, int]:
+        plain_tiles.clear()
+        matryoshka_tiles.clear()
+        inputs, opts = validate(student[0], student[1], guide[0], guide[1], student[2:], guide[2:],
+                                **problem.options, **extra)  # fmt: skip
+        backends.run("triton_chunked", inputs, opts).backward()
+        return len(plain_tiles), len(matryoshka_tiles)
+
+    plain, none = tile_launches()
+    assert plain > 0 and none == 0
+    assert tile_launches(matryoshka_dims=(40, 33, 17, 5, 1)) == (0, plain)
