@@ -19,7 +19,6 @@ import torch  # noqa: E402
 from problems import OPTION_GRID, TEMPERATURES, Problem, draw_problem, rng_for  # noqa: E402
 from test_matryoshka import assert_matches_composition, draw_weights  # noqa: E402
 
-import gist_fast  # noqa: E402
 from gist_fast import backends  # noqa: E402
 from gist_fast.backends import triton_chunk_kernels  # noqa: E402
 from gist_fast.backends.common import has_one_pass_matryoshka  # noqa: E402
