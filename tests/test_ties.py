@@ -231,6 +231,9 @@ def test_ids_are_equal_exactly_for_bitwise_equal_rows(dtype):
     bits[3] ^= 1  # z[10] = z[11] but for the last bit of one feature
     z[11] = z[10]
     bits[3] ^= 1
+    z[12] = x[2]
+    z[13] = -x[2]  # the sign bits alone differ (a pattern a plain linear hash mod 2^32 cannot see)
+    z[13, 2:] = x[2, 2:]
     ids = torch.cat(guide_row_ids([x, y, z]))
     same = _bitwise_equal_pairs(torch.cat([x, y, z]))
     assert torch.equal(ids[:, None] == ids[None, :], same)

@@ -38,8 +38,8 @@ _BITS = {
     torch.bfloat16: torch.int16,
 }
 
-# A chunk of rows holds at most this many elements in the hashing temporaries (int64).
-_CHUNK_ELEMENTS = {"cuda": 1 << 24}
+# A chunk of rows holds at most this many 32-bit words in the hashing temporaries.
+_CHUNK_ELEMENTS = {"cuda": 1 << 25}
 _DEFAULT_CHUNK_ELEMENTS = 1 << 20
 
 _HASH_SEED = 0x6A09E667F3BCC908  # fixed: ids need not be reproducible, but runs should be
@@ -57,27 +57,45 @@ def _chunk_rows(t: Tensor) -> int:
     return max(1, per_chunk // max(1, t.shape[1]))
 
 
-def _bits(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """The rows of `x`, cast to `dtype` (exact: a promotion), as integers of the same width.
+def _words(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """The rows of `x`, cast to `dtype` (exact: a promotion), as int32 words: rows with equal words
+    are bitwise equal. Casting to the common dtype makes rows of different input dtypes comparable;
+    it is injective, so -0.0 and 0.0 stay apart."""
+    x = x.to(dtype).contiguous()
+    if (x.shape[1] * x.element_size()) % 4 == 0:
+        return x.view(torch.int32)  # 16-bit features in pairs, 64-bit ones in halves
+    return x.view(_BITS[dtype]).to(torch.int32)
 
-    Casting to the common dtype makes rows of different input dtypes comparable; it is injective,
-    so bitwise equality after the cast is value equality with -0.0 and 0.0 kept apart."""
-    return x.to(dtype).contiguous().view(_BITS[dtype])
+
+def _words_per_row(dim: int, dtype: torch.dtype) -> int:
+    size = torch.empty((), dtype=dtype).element_size()
+    return dim * size // 4 if (dim * size) % 4 == 0 else dim
 
 
-def _hash_weights(dim: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Two vectors of odd random int64 multipliers, one entry per feature (fixed seed)."""
+def _hash_weights(words: int, rows: int, device: torch.device) -> Tensor:
+    """(2, 2, rows, words) odd random int32 multipliers, the same for every row: two independent
+    hashes of two multipliers each. On the CPU they are laid out for a whole chunk of `rows` rows
+    (torch's CPU integer kernels are ~30x slower when one operand is broadcast); elsewhere one row
+    is broadcast (rows = 1)."""
     gen = torch.Generator().manual_seed(_HASH_SEED)
-    w = torch.randint(-(2**62), 2**62, (2, dim), generator=gen, dtype=torch.int64) * 2 + 1
-    return w[0].to(device), w[1].to(device)
+    w = torch.randint(-(2**30), 2**30, (2, 2, 1, words), generator=gen, dtype=torch.int32) * 2 + 1
+    w = w.to(device)
+    return w.expand(2, 2, rows, words).contiguous() if device.type == "cpu" else w
 
 
-def row_hashes(bits: Tensor, weights: tuple[Tensor, Tensor]) -> Tensor:
-    """A 64-bit hash of each row of integer `bits` (rows x dim): sum_k mix(bits_k * w1_k) * w2_k,
-    wrapping around modulo 2^64; mix(h) = h xor (h >>> 32) spreads high bits into low ones."""
-    h = bits.to(torch.int64) * weights[0]
-    h ^= (h >> 32) & 0xFFFFFFFF  # logical shift: the arithmetic one's sign copies would cancel
-    return (h * weights[1]).sum(dim=1)
+def row_hashes(words: Tensor, weights: Tensor) -> Tensor:
+    """A 64-bit hash (int64) of each row of int32 `words` (rows x n): two independent 32-bit hashes
+    sum_k mix(words_k * w1_k) * w2_k with mix(h) = h xor (h >> 16), all wrapping modulo 2^32.
+    Integer sums wrap the same in any order, so equal rows hash alike on any device and in any
+    chunk; 32-bit integer arithmetic vectorises where 64-bit multiplication does not."""
+    halves = []
+    n = words.shape[0]
+    for w1, w2 in weights:
+        h = words * w1[:n]
+        h ^= h >> 16
+        h *= w2[:n]
+        halves.append(h.sum(dim=1, dtype=torch.int32).to(torch.int64))
+    return (halves[0] << 32) | (halves[1] & 0xFFFFFFFF)
 
 
 def guide_row_ids(tensors: Sequence[Tensor]) -> list[Tensor]:
@@ -103,14 +121,16 @@ def guide_row_ids(tensors: Sequence[Tensor]) -> list[Tensor]:
     sizes = [t.shape[0] for t in tensors]
     starts = [sum(sizes[:m]) for m in range(len(sizes))]
     total = sum(sizes)
-    weights = _hash_weights(tensors[0].shape[1], device)
+    weights = _hash_weights(
+        _words_per_row(tensors[0].shape[1], dtype), min(max(sizes), _chunk_rows(tensors[0])), device
+    )
 
     hashes = torch.empty(total, dtype=torch.int64, device=device)
     for t, start in zip(tensors, starts, strict=True):
         step = _chunk_rows(t)
         for r0 in range(0, t.shape[0], step):
             r1 = min(r0 + step, t.shape[0])
-            hashes[start + r0 : start + r1] = row_hashes(_bits(t[r0:r1], dtype), weights)
+            hashes[start + r0 : start + r1] = row_hashes(_words(t[r0:r1], dtype), weights)
 
     # Group equal hashes; the representative of a group is its first row (a stable sort keeps the
     # rows of a group in index order).
@@ -130,39 +150,37 @@ def guide_row_ids(tensors: Sequence[Tensor]) -> list[Tensor]:
         step = _chunk_rows(t)
         for r0 in range(0, t.shape[0], step):
             r1 = min(r0 + step, t.shape[0])
-            rep = ids[start + r0 : start + r1]
-            rep_rows = _gather_rows(tensors, starts, rep, dtype)
-            collided[start + r0 : start + r1] = (_bits(t[r0:r1], dtype) != rep_rows).any(dim=1)
+            rep_words = _gather_words(tensors, starts, ids[start + r0 : start + r1], dtype)
+            collided[start + r0 : start + r1] = (_words(t[r0:r1], dtype) != rep_words).any(dim=1)
     if bool(collided.any()):
         _resolve_collisions(tensors, starts, ids, collided, dtype)
     return [ids[start : start + size] for start, size in zip(starts, sizes, strict=True)]
 
 
-def _gather_rows(tensors: Sequence[Tensor], starts: Sequence[int], index: Tensor, dtype: torch.dtype) -> Tensor:
-    """The bits of rows `index` of the concatenation of `tensors` (without concatenating them)."""
-    out = torch.empty((index.shape[0], tensors[0].shape[1]), dtype=_BITS[dtype], device=index.device)
+def _gather_words(tensors: Sequence[Tensor], starts: Sequence[int], index: Tensor, dtype: torch.dtype) -> Tensor:
+    """The words of rows `index` of the concatenation of `tensors` (without concatenating them)."""
+    words = _words_per_row(tensors[0].shape[1], dtype)
+    out = torch.empty((index.shape[0], words), dtype=torch.int32, device=index.device)
     for t, start in zip(tensors, starts, strict=True):
         inside = (index >= start) & (index < start + t.shape[0])
         where = inside.nonzero().squeeze(1)
         if where.numel():
-            out[where] = _bits(t[index[where] - start], dtype)
+            out[where] = _words(t[index[where] - start], dtype)
     return out
 
 
 def _resolve_collisions(
     tensors: Sequence[Tensor], starts: Sequence[int], ids: Tensor, collided: Tensor, dtype: torch.dtype
 ) -> None:
-    """Rare (a 64-bit hash collision): give every row of a group that holds a mismatch the id of
-    the first row bitwise equal to it, by comparing bytes on the CPU. In place on `ids`."""
+    """Rare (a hash collision): every row of a hash group that holds a mismatch gets the id of the
+    first row bitwise equal to it, by an exact sort of those rows' words. In place on `ids`."""
     groups = torch.unique(ids[collided])
     members = torch.isin(ids, groups).nonzero().squeeze(1)  # in index order
-    rows = _gather_rows(tensors, starts, members, dtype).cpu()
-    first_of: dict[tuple[int, bytes], int] = {}
-    new_ids = []
-    for member, group, row in zip(members.tolist(), ids[members].tolist(), rows, strict=True):
-        key = (group, row.numpy().tobytes())
-        new_ids.append(first_of.setdefault(key, member))
-    ids[members] = torch.tensor(new_ids, dtype=ids.dtype).to(ids.device)
+    rows = _gather_words(tensors, starts, members, dtype)
+    _, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), ids.shape[0], dtype=ids.dtype, device=ids.device)
+    first.scatter_reduce_(0, inverse, members, reduce="amin")
+    ids[members] = first[inverse]
 
 
 @dataclass(frozen=True)
