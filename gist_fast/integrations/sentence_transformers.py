@@ -16,6 +16,13 @@ trained model gets names and links the loss as sentence-transformers' own card d
 parameters, plus one line saying that gist-fast computed it (and with which backend). `MatryoshkaLoss`
 is sentence-transformers' own, except that around these losses it computes every dim in one pass.
 
+One difference, by design: exact ties are decided exactly. A candidate whose guide embedding is
+bitwise the positive's (a negative that is another row's positive, a positive repeated across rows,
+a positive equal to its anchor) has guide similarity equal to the threshold's in exact arithmetic;
+gist-fast keeps it at margin 0 and masks it at a positive margin, on every backend, where
+sentence-transformers' result depends on float rounding. Inputs without such repeats give the same
+loss as sentence-transformers'.
+
 This module needs ``sentence-transformers`` (tested with 6.2 and 6.0.1; see
 `_check_cached_retokenisation` for 6.0-6.1); ``import gist_fast`` does not import it.
 """
