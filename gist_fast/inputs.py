@@ -26,11 +26,12 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Cosine similarity clamps every norm from below, as torch.nn.CosineSimilarity does (docs/loss.md).
 NORM_EPS = 1e-8
 
-# The smallest temperature accepted (docs/loss.md, "Numerical range"). Logits reach 1/temperature,
-# and the float32 backends form the softmax exponent z - lse with round-off of about 100 * eps / tau
-# (eps = 6e-8): measured, 3e-5 of the gradient's scale at 1e-4, 2e-4 at 1e-5, 0.6 at 1e-8, and
-# NaN gradients (exp overflows) from about 3e-10. Above 1e-4 every backend stays within the tests'
-# float32 tolerance; sentence-transformers' default is 0.01.
+# The smallest temperature accepted (docs/loss.md, "Precision and numerical range"). Logits reach
+# 1/temperature, and the torch and cpp backends form the softmax exponent z - lse in float32 with
+# round-off that grows like eps / tau. Worst gradient error in units of the gradient's scale
+# (benchmarks/results/temperature_sweep_cpu.md): 3.5e-5 at 1e-4, 2.7e-4 at 1e-5, 0.45 at 1e-8, and
+# NaN gradients with a finite loss from 1e-9 (torch) / 1e-10 (cpp). From 1e-4 up every backend stays
+# within the tests' float32 tolerance; sentence-transformers' default is 0.01.
 MIN_TEMPERATURE = 1e-4
 # A row is refused when its squared norm exceeds this fraction of the compute dtype's largest value:
 # the backends square and sum the row (and autograd squares the norm) in that dtype, and a fraction
