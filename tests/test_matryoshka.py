@@ -317,3 +317,16 @@ def test_torch_guide_mask_once_per_tile_for_all_dims(monkeypatch, reduction):
     assert plain > 0
     assert mask_tiles(matryoshka_dims=(40,)) == plain
     assert mask_tiles(matryoshka_dims=(40, 33, 17, 5, 1)) == plain
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs(backend, dtype):
+    """Half inputs are upcast to float32 by the one-pass paths; gradients come back in the input
+    dtype, within problems.TOLERANCES of the float64 composition on the rounded inputs."""
+    rng = rng_for("matryoshka-half", backend, str(dtype))
+    options = {key: rng.choice(values) for key, values in OPTION_GRID.items()}
+    problem = draw_problem(rng, 9, 70, 24, 1, options=options)
+    dims = draw_dims(rng, 70)
+    loss_fn = functools.partial(gist_fast.gist_loss, backend=backend)
+    assert_matches_composition(loss_fn, problem, dims, draw_weights(rng, dims), dtype)
