@@ -108,14 +108,14 @@ def test_half_precision_and_mixed_dtypes_are_accepted():
 
 
 def test_missing_train_extra_names_the_package_and_the_install_command(tmp_path, monkeypatch):
-    """Without the train extra, reading data fails with the package to install, not a bare
-    ModuleNotFoundError from inside the trainer."""
+    """Without the train extra, reading data that needs it (parquet; JSON lines and CSV are read
+    without it) fails with the package to install, not a bare ModuleNotFoundError."""
     from gist_fast.training.data import _load_dataset
 
-    data = tmp_path / "train.jsonl"
-    data.write_text('{"anchor": "a", "positive": "b"}\n')
+    data = tmp_path / "train.parquet"
+    data.write_bytes(b"PAR1")
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if it were not installed
-    install = r"train\.jsonl needs the package 'datasets': pip install 'gist-fast\[train\]'"
+    install = r"train\.parquet needs the package 'datasets': pip install 'gist-fast\[train\]'"
     with pytest.raises(ImportError, match=install):
         _load_dataset(str(data), "train")
 
@@ -127,7 +127,9 @@ def test_without_triton_auto_takes_torch_and_triton_names_the_package(monkeypatc
 
     from gist_fast import backends
 
-    on_cuda = SimpleNamespace(anchor=SimpleNamespace(device=torch.device("cuda")))
+    on_cuda = SimpleNamespace(
+        anchor=SimpleNamespace(device=torch.device("cuda")), batch_size=8, num_candidates=8, negatives=()
+    )
     assert backends.auto_backend(on_cuda) == ("triton" if backends._triton_installed() else "torch")
     monkeypatch.setattr(backends, "_triton_installed", lambda: False)
     assert backends.auto_backend(on_cuda) == "torch"
