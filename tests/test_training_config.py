@@ -219,3 +219,14 @@ def test_an_unavailable_backend_is_named_by_its_option(monkeypatch, tiny):
     with pytest.raises(ValueError, match="^--loss-backend: triton needs the package triton"):
         Trainer(train_config_from_args(args)).train()
     assert not (tiny / "out").exists()
+
+
+def test_temperature_bound_is_the_losses():
+    """A temperature the loss refuses is refused before any work, with the loss's own bound."""
+    from gist_fast.inputs import MIN_TEMPERATURE
+
+    (option,) = [o for o in OPTIONS if o.name == "temperature"]
+    assert option.minimum == MIN_TEMPERATURE
+    with pytest.raises(ValueError, match="temperature"):
+        TrainConfig(temperature=MIN_TEMPERATURE / 2).validate()
+    TrainConfig(temperature=MIN_TEMPERATURE).validate()

@@ -185,7 +185,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("seed", "int", 42, "seed of shuffling, dropout and initialisation", minimum=0, maximum=_MAX_SEED),
     Option("drop_last", "bool", False, "drop each epoch's last batch when it is short"),
     # loss
-    Option("temperature", "float", 0.01, "loss temperature", above=0),
+    # the loss's own bound (gist_fast.inputs.MIN_TEMPERATURE), restated so that this table needs no torch
+    Option("temperature", "float", 0.01, "loss temperature", minimum=1e-4),
     Option("margin_strategy", "str", "absolute", "margin of the guide's false-negative filter: absolute or relative",
            choices=("absolute", "relative")),
     Option("margin", "float", 0.0, "margin of the guide's false-negative filter"),
