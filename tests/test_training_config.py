@@ -69,7 +69,7 @@ BAD_FILE_VALUES = [
     ("lr", math.inf, "finite"),
     ("lr", math.nan, "finite"),
     ("lr", 0, "> 0"),
-    ("temperature", -0.05, "> 0"),
+    ("temperature", -0.05, ">= 0.0001"),
     ("warmup_ratio", 1.5, "<= 1"),
     ("seed", -1, ">= 0"),
     ("output", "", "non-empty"),
