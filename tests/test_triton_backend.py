@@ -502,7 +502,7 @@ def _build_report(*args: str) -> dict[str, dict[str, int]]:
     for line in run.stdout.splitlines():
         name, _, fields = line.partition(": ")
         report[name] = {key: int(value) for key, value in re.findall(r"([A-Z_][A-Z0-9_]*):(-?\d+)", fields)}
-    assert len(report) == 11, run.stdout
+    assert len(report) == 13, run.stdout
     return report
 
 

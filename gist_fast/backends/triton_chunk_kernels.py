@@ -335,6 +335,7 @@ def matryoshka_tile_kernel(
     s_tk,
     row_coef,
     s_coef,
+    d,
     dg,
     offset,
     inv_temp,
@@ -382,13 +383,17 @@ def matryoshka_tile_kernel(
     dots = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k in range(NUM_DIMS):
         # Segment k of the one sweep: features bounds[k]:bounds[k + 1], added to the running dots.
+        # The K blocks are aligned to BLOCK_K and loaded whole (masked at d only, which the JIT
+        # knows is a multiple of 16: vector loads, pipelined), and the row tile's features outside
+        # the segment zeroed in registers; a block split by a dim is loaded by both its segments.
         start = tl.load(bounds + k)
         stop = tl.load(bounds + k + 1)
-        for k0 in range(start, stop, BLOCK_K):
+        for k0 in range((start // BLOCK_K) * BLOCK_K, stop, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
-            k_mask = ks < stop
+            k_mask = ks < d
             xv = tl.load(x + x_rows[:, None] * s_x + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             yv = tl.load(y + y_cols[None, :] * s_y + ks[:, None], mask=col_mask[None, :] & k_mask[:, None], other=0.0)
+            xv = tl.where(((ks >= start) & (ks < stop))[None, :], xv, tl.zeros_like(xv))
             if UPCAST:  # the interpreter's bf16 dot is wrong
                 xv = xv.to(tl.float32)
                 yv = yv.to(tl.float32)

@@ -41,9 +41,12 @@ _STUDENT = {"a", "p", "n", "ga", "gp", "gn", "grad_a", "grad_p", "out", "x", "y"
 _FP32_PTRS = {
     "norms", "gnorms", "thr_ptr", "weight_ptr", "lse_out", "target_out", "lse_ptr", "scratch",
     "norms_x", "gnorms_x", "norms_y", "gnorms_y", "tile_max", "tile_sum", "tile_exp", "row_coef",
-    "alpha", "row_scale", "k_scale", "peak", "big", "total", "ref",
+    "alpha", "row_scale", "k_scale", "peak", "big", "total", "ref", "pnorms_x", "pnorms_y",
 }  # fmt: skip
-_I32_PTRS = {"gids", "ties", "gids_y"}  # guide-row ids and tie codes (exact ties)
+# guide-row ids and tie codes (exact ties); the Matryoshka dims' segment bounds
+_I32_PTRS = {"gids", "ties", "gids_y", "bounds"}
+# The Matryoshka variant is built for five dims (768, 512, 256, 128, 64 at d = 768).
+MATRYOSHKA_DIMS = 5
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,9 @@ def _sample_ints(d: int, dg: int, chunks: Chunks, rows: int = 65536, negatives: 
         "x_shift": 0, "row0": 0, "col0": 0, "n_cols": chunk, "s_w": chunk, "s_t": tiles,
         "s_out": sd, "b_row0": 0, "s_b": sd, "s_rs": tiles, "M": chunks.rows, "N": sd, "K": chunk,
         "nr": chunks.rows, "tiles": tiles,
+        # the Matryoshka tile kernel: per-dim strides of the prefix norms, lse / target, W, tile stats, coefficients
+        "s_pn": rows * (2 + negatives), "s_kb": rows, "s_wk": chunks.rows * chunk, "s_tk": chunks.rows * tiles,
+        "s_coef": rows,
     }  # fmt: skip
 
 
@@ -137,6 +143,15 @@ def kernel_variants(
     variants += [
         ("chunk_tile[pass1]", CK.tile_kernel, tile | {"MODE": 0, "IS_TARGET_BLOCK": True, "WRITE_W": True}, tile_opts),
         ("chunk_tile[pass2]", CK.tile_kernel, tile | {"MODE": 1, "IS_TARGET_BLOCK": True, "WRITE_W": True}, tile_opts),
+        *(
+            (
+                f"chunk_tile_matryoshka[pass{mode + 1}]",
+                CK.matryoshka_tile_kernel,
+                tile | {"MODE": mode, "IS_TARGET_BLOCK": True, "WRITE_W": True, "NUM_DIMS": MATRYOSHKA_DIMS},
+                tile_opts,
+            )
+            for mode in (0, 1)
+        ),  # fmt: skip
         ("chunk_gemm[pass1]", CK.scaled_gemm_kernel, gemm | pass1 | below_peak, gemm_opts),
         ("chunk_gemm[pass2]", CK.scaled_gemm_kernel, gemm | pass2 | below_peak, gemm_opts),
     ]

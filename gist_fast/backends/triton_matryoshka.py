@@ -76,7 +76,7 @@ class _Launcher:
     def __init__(self, problem: _Problem, prefixes: _Prefixes, chunks: Chunks, flags: dict):
         self.problem, self.prefixes, self.chunks, self.flags = problem, prefixes, chunks, flags
         o = problem.options
-        self.scalars = (problem.ga.shape[1], o.offset, 1.0 / o.temperature)
+        self.scalars = (problem.a.shape[1], problem.ga.shape[1], o.offset, 1.0 / o.temperature)
         device, dtype = problem.a.device, problem.a.dtype
         K = len(prefixes)
         rows, cols = _chunk_shape(problem, chunks, K)
