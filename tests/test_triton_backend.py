@@ -531,6 +531,13 @@ def test_kernels_build_for_sm90(dtype, dims):
         if dtype != "fp32":
             assert build["WGMMA"] > 0, f"{name} does not use wgmma: {build}"
             assert build["STACK"] == 0, f"{name} spills: {build}"
+    # The Matryoshka tile kernel's student sweep (segments at any dim) pipelines like the plain
+    # tile kernel's dot loop: as many cp.async (26 of 52 when its loads started at the segment
+    # edge: only the guide's loop was pipelined) and wgmma.
+    for mode in ("pass1", "pass2"):
+        plain, matryoshka = report[f"chunk_tile[{mode}]"], report[f"chunk_tile_matryoshka[{mode}]"]
+        assert matryoshka["CP_ASYNC"] >= plain["CP_ASYNC"], f"Matryoshka sweep not pipelined: {matryoshka}"
+        assert matryoshka["WGMMA"] >= plain["WGMMA"], f"Matryoshka sweep off the tensor cores: {matryoshka}"
 
 
 def test_mixed_student_and_guide_dtypes():

@@ -469,7 +469,10 @@ def gist_loss_triton_chunked(inputs: GISTInputs, options: GISTOptions) -> Tensor
     """``backend="triton_chunked"``: the Triton backend with the chunked plan (`Chunks`,
     benchmarks/NOTES.md v3): per chunk of rows x columns, a tile kernel writes the probabilities
     and a Triton GEMM multiplies them into fp32 gradient accumulators. Same loss, dtypes and
-    memory bound as ``backend="triton"`` (see `gist_loss_triton` for arguments and returns).
+    memory bound as ``backend="triton"`` (see `gist_loss_triton` for arguments and returns). With
+    ``options.matryoshka_dims`` every prefix dim is computed in one pass (`triton_matryoshka`: the
+    guide mask once per tile, one sweep over the student features); the fused plan composes one
+    loss per dim instead.
 
     Example:
         >>> import torch, gist_fast
