@@ -272,7 +272,7 @@ def table_rows(rows: list[dict]) -> list[list[str]]:
         if r["status"] != "ok":
             out.append([str(r["batch"]), r["method"], r["status"], "", "", "", "", ""])
             continue
-        ratio = lambda x: "-" if x is None else f"{x:.2f}x"  # noqa: E731
+        ratio = lambda x: "-" if x is None else f"{x:.3g}x"  # noqa: E731
         gflop = "-" if r["executed_gflop"] is None else f"{r['executed_gflop']:.0f}"
         out.append([
             str(r["batch"]), r["method"], f"{r['median_s']:.2f} s (n={len(r['times_s'])})", ratio(r["vs_single"]),

@@ -94,7 +94,7 @@ def _sweep(rows: Tensor, cols: Tensor, prefixes: _Prefixes, mask: Tensor):
 def _logits(raw: Tensor, row_scale: Tensor, col_scale: Tensor, shift: Tensor, out: Tensor) -> Tensor:
     """``raw_ij * row_scale_i * col_scale_j - shift_i`` into `out` (scales > 0: -inf stays -inf)."""
     torch.mul(raw, col_scale[None, :], out=out)
-    return out.mul_(row_scale[:, None]).sub_(shift[:, None])
+    return torch.addcmul(shift[:, None].neg(), out, row_scale[:, None], out=out)  # two passes over the tile
 
 
 def _target_logits(tiler: _Tiler, prefixes: _Prefixes, options: GISTOptions, tile_rows: int) -> Tensor:
