@@ -79,7 +79,8 @@ def backend_fn(backend: str):
 def plant_ties(problem: Problem, rng: random.Random) -> Problem:
     """Repetitions real data has, in student and guide alike (the same text embedded twice):
     row 0's positive is its anchor; each negative column repeats the positives of other rows (and
-    one row's own positive); two rows share a positive; two anchors are duplicates."""
+    one row's own positive); two rows share a positive; two anchors are duplicates; a positive
+    repeats another row's anchor and an anchor another row's positive."""
     a, p, *negs = problem.student
     ga, gp, *gnegs = problem.guide
     B = a.shape[0]
@@ -93,6 +94,9 @@ def plant_ties(problem: Problem, rng: random.Random) -> Problem:
     if B >= 6:
         p[4], gp[4] = p[2], gp[2]
         a[5], ga[5] = a[3], ga[3]
+    if B >= 10:
+        p[7], gp[7] = a[6], ga[6]  # a positive repeats another row's anchor (PP ties with row 6)
+        a[9], ga[9] = p[8], gp[8]  # an anchor repeats another row's positive (AA ties with row 8)
     return problem
 
 

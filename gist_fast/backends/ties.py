@@ -39,7 +39,7 @@ _BITS = {
 }
 
 # A chunk of rows holds at most this many 32-bit words in the hashing temporaries.
-_CHUNK_ELEMENTS = {"cuda": 1 << 25}
+_CHUNK_ELEMENTS = {"cuda": 1 << 24}
 _DEFAULT_CHUNK_ELEMENTS = 1 << 20
 
 _HASH_SEED = 0x6A09E667F3BCC908  # fixed: ids need not be reproducible, but runs should be
