@@ -79,10 +79,10 @@ def gist_loss(
             inputs)``, each L this loss on the first m student features (cosine after truncation,
             as sentence-transformers' ``MatryoshkaLoss`` truncates before its loss normalises),
             with every option, reduction (``"none"``: the per-row weighted sum) and the gather as
-            above. The "reference" and "torch" backends compute all dims in one pass (the guide
-            mask once, the student dots of every prefix from one sweep over the features); the
-            others ("cpp", the Triton plans) are called once per dim, which is correct but repeats
-            the guide's work.
+            above. The "reference", "torch" and "triton_chunked" backends compute all dims in
+            one pass (the guide mask once, the student dots of every prefix from one sweep over the
+            features); the others ("cpp", "triton") are called once per dim, which is correct but
+            repeats the guide's work.
         matryoshka_weights: the w_m, one finite number per dim; default all 1.
 
     Returns:
