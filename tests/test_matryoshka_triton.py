@@ -112,3 +112,30 @@ def test_backend_takes_the_one_pass_path(monkeypatch):
     plain, none = tile_launches()
     assert plain > 0 and none == 0
     assert tile_launches(matryoshka_dims=(40, 33, 17, 5, 1)) == (0, plain)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_zero_smallest_prefix_keeps_the_wider_features(dtype):
+    """Columns whose first feature is 0 (dim 1's prefix norm 0, clamped to eps): their gradient
+    through dim 1 is ~1/eps, and pass 2 sums the dims' H per feature segment in 16 bits. Each
+    segment's H is scaled by its own smallest covering norm, so the wider dims' share survives in
+    the features past the first (scaled by dim 1's norm instead, it underflowed in fp16). Checked on
+    features 1: of every input, relative to their own largest magnitude."""
+    from problems import TOLERANCES, loss_and_grads
+    from test_matryoshka import composed
+
+    rng = rng_for("matryoshka-triton-zero-prefix", dtype)
+    options = {"reduction": "sum", "temperature": 0.05, "margin_strategy": "absolute", "margin": 0.0}
+    options |= {"contrast_anchors": True, "contrast_positives": True}
+    problem = draw_problem(rng, 9, 40, 12, 1, options=options)
+    for t in problem.student:
+        t[::2, 0] = 0.0  # every other row: dim 1's prefix is zero
+    problem = on_device(problem)
+    dims, weights = (1, 17, 40), (1.0, 1.0, 1.0)
+    _, expected = composed(problem, dims, weights, dtype)
+    _, grads = loss_and_grads(one_pass_loss, problem, dtype, matryoshka_dims=dims, matryoshka_weights=weights)
+    for name, g, e in zip(["anchor", "positive", "negatives[0]"], grads, expected, strict=True):
+        wide, wide_expected = g[:, 1:].double().cpu(), e[:, 1:].double().cpu()
+        err = (wide - wide_expected).abs().max().item()
+        scale = wide_expected.abs().max().item()
+        assert err <= TOLERANCES[dtype]["grad"] * scale, f"{name}[:, 1:] {dtype}: max error {err:.3g} vs {scale:.3g}"

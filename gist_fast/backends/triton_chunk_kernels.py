@@ -335,6 +335,13 @@ def matryoshka_tile_kernel(
     s_tk,
     row_coef,
     s_coef,
+    # MODE 1: per segment the rows' powers of two 2^-kappa (stride s_coef), an fp32 scratch laid out as w_out, and the
+    # per-(dim, row tile, column) projection sums out (strides s_ck, s_cm)
+    k_scale,
+    scratch,
+    col_dot,
+    s_ck,
+    s_cm,
     d,
     dg,
     offset,
@@ -351,9 +358,18 @@ def matryoshka_tile_kernel(
 ):
     """`tile_kernel` for every Matryoshka prefix dim of one tile at once (benchmarks/NOTES.md,
     Matryoshka): the guide's keep mask once, then one sweep over the student features in ascending
-    segments (a segment's last K block masked at its upper edge); after segment k the running dots
-    are dim k's raw prefix dots, scaled by dim k's prefix norms into its logits, from which dim k's
-    W or H and tile statistics are written exactly as `tile_kernel` writes them for one dim."""
+    segments; after segment k the running dots are dim k's raw prefix dots, scaled by dim k's
+    prefix norms into its logits.
+
+    MODE 0: dim k's W and tile statistics, exactly as `tile_kernel` writes them for one dim.
+    MODE 1: the H of each feature segment s, summed over the dims k >= s that cover it:
+        H_s = |y^s_j| 2^-kappa_si sum_{k >= s} t^k_ij,  t^k_ij = (P^k - [target]) f_ki / |y^k_j|,
+    with f_ki = w_k weight_i / (tau |x^k_i|) (`row_coef`, per dim), 2^kappa_si at least every
+    |f_ki| with k >= s (`k_scale` holds 2^-kappa_si, per segment) and |y^s_j| / |y^k_j| <= 1 for
+    k >= s (prefix norms grow with the dim): |H_s| <= K, each dim's share kept from underflow. The
+    GEMM of segment s multiplies 2^kappa_si back, the caller 1 / |y^s_j|. The t^k are kept in fp32
+    in `scratch` and summed after the sweep, largest dim first (H_s rounded to 16 bits once). Also
+    per dim and column the tile's share of y_hat^k . v^k, sum_i t^k_ij dots^k_ij (`col_dot`)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     local_rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -430,4 +446,20 @@ def matryoshka_tile_kernel(
             prob = tl.exp(z - lse[:, None])
             h = tl.where(is_target, prob - 1.0, prob)
             coef = tl.load(row_coef + k64 * s_coef + local_rows, mask=row_mask, other=0.0)
-            tl.store(w_ptr, (h * coef[:, None]).to(w_out.dtype.element_ty), mask=tile_mask)
+            term = h * coef[:, None] / norm_y[None, :]
+            tl.store(scratch + k64 * s_wk + local64[:, None] * s_w + local_cols[None, :], term, mask=tile_mask)
+            projection = tl.sum(term * dots, axis=0)
+            tl.store(col_dot + k64 * s_ck + pid_m * s_cm + local_cols, projection, mask=col_mask)
+    if MODE == 1:
+        # Suffix sums over the dims, largest first: segment s's H covers dims s..K-1. The scratch
+        # was written by other threads of this program: a CTA barrier before reading it back.
+        tl.debug_barrier()
+        suffix = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for step in range(NUM_DIMS):
+            seg = NUM_DIMS - 1 - step
+            offs = seg * s_wk + local64[:, None] * s_w + local_cols[None, :]
+            suffix += tl.load(scratch + offs, mask=tile_mask, other=0.0)
+            norm_seg = _load_norms(pnorms_y + seg * s_pn, y_cols, col_mask)
+            inv_scale = tl.load(k_scale + seg * s_coef + local_rows, mask=row_mask, other=0.0)
+            h_seg = suffix * norm_seg[None, :] * inv_scale[:, None]
+            tl.store(w_out + offs, h_seg.to(w_out.dtype.element_ty), mask=tile_mask)

@@ -41,7 +41,7 @@ _STUDENT = {"a", "p", "n", "ga", "gp", "gn", "grad_a", "grad_p", "out", "x", "y"
 _FP32_PTRS = {
     "norms", "gnorms", "thr_ptr", "weight_ptr", "lse_out", "target_out", "lse_ptr", "scratch",
     "norms_x", "gnorms_x", "norms_y", "gnorms_y", "tile_max", "tile_sum", "tile_exp", "row_coef",
-    "alpha", "row_scale", "k_scale", "peak", "big", "total", "ref", "pnorms_x", "pnorms_y",
+    "alpha", "row_scale", "k_scale", "peak", "big", "total", "ref", "pnorms_x", "pnorms_y", "col_dot",
 }  # fmt: skip
 # guide-row ids and tie codes (exact ties); the Matryoshka dims' segment bounds
 _I32_PTRS = {"gids", "ties", "gids_y", "bounds"}
@@ -83,7 +83,7 @@ def _sample_ints(d: int, dg: int, chunks: Chunks, rows: int = 65536, negatives: 
         "nr": chunks.rows, "tiles": tiles,
         # the Matryoshka tile kernel: per-dim strides of the prefix norms, lse / target, W, tile stats, coefficients
         "s_pn": rows * (2 + negatives), "s_kb": rows, "s_wk": chunks.rows * chunk, "s_tk": chunks.rows * tiles,
-        "s_coef": rows,
+        "s_coef": rows, "s_ck": -(-chunks.rows // chunks.tile_m) * chunk, "s_cm": chunk,
     }  # fmt: skip
 
 

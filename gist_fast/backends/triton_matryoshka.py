@@ -56,12 +56,14 @@ class _Prefixes:
 
 
 def _chunk_shape(problem: _Problem, chunks: Chunks, n_dims: int) -> tuple[int, int]:
-    """(R, C) as `triton_chunked._chunk_shape`, with the K chunk matrices together under its cap."""
+    """(R, C) as `triton_chunked._chunk_shape`, with the K chunk matrices and pass 2's fp32 scratch
+    (K x R x C) together under its cap (1/8 of the inputs' bytes, at least 4 Mi entries' worth)."""
     rows, cols = min(chunks.rows, problem.B), min(chunks.columns, max(problem.B, problem.P))
     cols = min(cols, MAX_CHUNK_TILES * chunks.tile_n)
     inputs = (problem.a, problem.p, problem.n, problem.ga, problem.gp, problem.gn)
     input_bytes = sum(t.numel() * t.element_size() for t in inputs)
-    cap = max(4 << 20, input_bytes // 8 // problem.a.element_size()) // n_dims
+    size = problem.a.element_size()
+    cap = max(4 << 20, input_bytes // 8 // size) * size // (n_dims * (size + 4))
     while rows * cols > cap and (rows > chunks.tile_m or cols > chunks.tile_n):
         if rows >= cols:
             rows = max(chunks.tile_m, rows // 2)
@@ -87,13 +89,21 @@ class _Launcher:
         self.tile_exp = torch.empty_like(self.tile_max)
         self.row_scale = torch.empty((rows, tiles), device=device, dtype=torch.float32)
         self.alpha = torch.empty(rows, device=device, dtype=torch.float32)
+        self.scratch = self.col_dot = self.alpha  # pass 2's, made by `pass2_buffers`
         self.below_peak = dtype == torch.float16
         if self.w.numel() >= 2**31 or self.tile_max.numel() >= 2**31 or K * problem.B >= 2**31:
             raise ValueError("the Triton Matryoshka path needs its per-dim buffers under 2^31 entries")
 
+    def pass2_buffers(self) -> None:
+        """Pass 2's fp32 scratch (each dim's H term, laid out as self.w) and projection sums."""
+        K, rows, cols = self.w.shape
+        self.scratch = torch.empty((K, rows, cols), device=self.w.device, dtype=torch.float32)
+        self.col_dot = torch.empty((K, triton.cdiv(rows, self.chunks.tile_m), cols), device=self.w.device)
+
     def tiles(self, blk, mode: int, r0: int, nr: int, c0: int, nc: int, lse: Tensor, target: Tensor,
-              row_coef: Tensor | None = None, write: bool = True) -> None:  # fmt: skip
-        """Every dim's W (mode 0) or H (mode 1) of the chunk rows r0 + [0, nr) x columns c0 + [0, nc)."""
+              row_coef: Tensor | None = None, k_scale: Tensor | None = None, write: bool = True) -> None:  # fmt: skip
+        """Every dim's W (mode 0) or every segment's H (mode 1) of the chunk rows r0 + [0, nr) x
+        columns c0 + [0, nc)."""
         c, p, pre = self.chunks, self.problem, self.prefixes
         norms = pre.norms
         B = p.B
@@ -107,7 +117,8 @@ class _Launcher:
             pre.bounds, blk.ties, p.thr, lse, target, B, r0, nr, c0, nc,
             self.w, self.w.stride(1), self.w.stride(0),
             self.tile_max, self.tile_sum, self.tile_exp, self.tile_max.stride(1), self.tile_max.stride(0),
-            coef, coef.stride(0),
+            coef, coef.stride(0), k_scale if k_scale is not None else lse, self.scratch, self.col_dot,
+            self.col_dot.stride(0) if mode == 1 else 0, self.col_dot.stride(1) if mode == 1 else 0,
             *self.scalars,
             NUM_DIMS=len(pre), MODE=mode, IS_TARGET_BLOCK=blk.is_target, WRITE_W=write,
             BLOCK_M=c.tile_m, BLOCK_N=c.tile_n, BLOCK_K=c.tile_k,
@@ -217,35 +228,42 @@ def run_chunked_matryoshka(problem: _Problem, weight: Tensor, with_grad: bool, c
     if not with_grad:
         return losses, None
 
-    # Pass 2: column chunks of each column input, every dim's H from one tile launch.
+    # Pass 2: column chunks of each column input; one tile launch gives every feature segment's
+    # H (summed over the dims covering it) and one GEMM per segment, over that segment's features.
     sources: dict[int, list] = {}
     for blk in blocks:
         sources.setdefault(blk.column_source, []).append(blk)
-    # Dim k's H row factor w_k weight_i / (tau |x_i[:m_k]|) = coef * 2^kappa, per row input.
+    # Dim k's row factor f_ki = w_k weight_i / (tau |x_i[:m_k]|) and per segment s a power of two
+    # 2^kappa_si >= max_{k >= s} |f_ki| (the dims covering it), per row input.
     row_factors = {}
     for blk in blocks:
         if blk.row_side not in row_factors:
             lo = blk.norm_lo_x + blk.x_shift
             x_norms = prefixes.norms[:, lo : lo + B].clamp_min(NORM_EPS)
-            coef, kappa = _pow2_split(weights[:, None] * weight[None, :] * inv_temp / x_norms)
-            row_factors[blk.row_side] = (coef.contiguous(), _pow2(kappa))
+            factor = (weights[:, None] * weight[None, :] * inv_temp / x_norms).contiguous()
+            covering = factor.abs().flip(0).cummax(0).values.flip(0)
+            _, kappa = _pow2_split(covering)
+            row_factors[blk.row_side] = (factor, _pow2(kappa), _pow2(-kappa).contiguous())
+    run.pass2_buffers()
+    starts, top = [0, *dims[:-1]], dims[-1]
     for source, group in sources.items():
         first = group[0]
         y, n_cols, lo_y = first.y, first.n_cols, first.norm_lo_y
         for c0 in range(0, n_cols, C):
             nc = min(C, n_cols - c0)
-            acc = [torch.zeros((nc, m), device=dev) for m in dims]
+            acc = torch.zeros((nc, top), device=dev)  # segment s in columns starts[s]:dims[s]
+            projection = torch.zeros((K, nc), device=dev)
             for blk in group:
-                coef, k_scale = row_factors[blk.row_side]
+                factor, two_kappa, inv_two_kappa = row_factors[blk.row_side]
                 for r0 in range(0, B, R):
                     nr = min(R, B - r0)
-                    run.tiles(blk, 1, r0, nr, c0, nc, lse, target, row_coef=coef[:, r0:])
-                    for k in range(K):
-                        run.gemm(k, acc[k], nc, nr, True, blk.x, blk.x_shift + r0, k_scale=k_scale[k, r0 : r0 + nr])
-            grad = grads[source][c0 : c0 + nc]
-            for k, m in enumerate(dims):
-                norms_y = prefixes.norms[k, lo_y + c0 : lo_y + c0 + nc]
-                grad[:, :m].add_(_jacobian_(y[c0 : c0 + nc, :m], norms_y, acc[k]))
+                    run.tiles(blk, 1, r0, nr, c0, nc, lse, target, row_coef=factor[:, r0:],
+                              k_scale=inv_two_kappa[:, r0:])  # fmt: skip
+                    projection += run.col_dot[:, : triton.cdiv(nr, chunks.tile_m), :nc].sum(1)
+                    for seg, (a, b) in enumerate(zip(starts, dims, strict=True)):
+                        run.gemm(seg, acc[:, a:b], nc, nr, True, blk.x[:, a:], blk.x_shift + r0,
+                                 k_scale=two_kappa[seg, r0 : r0 + nr])  # fmt: skip
+            _column_gradients(grads[source][c0 : c0 + nc], y[c0 : c0 + nc], prefixes, lo_y + c0, acc, projection)
     return losses, (grads[0], grads[1], grad_n)
 
 
@@ -264,3 +282,22 @@ def _row_side_gradients(problem, prefixes, k, weight, acc, scale, not_target, r0
     if problem.options.contrast_positives:
         d_p = acc["p"].mul_((w * scale["p"])[:, None])
         grads[1][own, :m].add_(_jacobian_(own_p, norms_p[own], d_p))
+
+
+def _column_gradients(grad: Tensor, y: Tensor, prefixes: _Prefixes, lo: int, acc: Tensor, projection: Tensor) -> None:
+    """Add the column side of pass 2 through every dim's normalisation into `grad` (fp32, rows
+    of `y`, whose prefix norms start at column `lo` of prefixes.norms):
+
+        sum_k J_k(v_k),  J_k(v) = (v - y_hat^k (y_hat^k . v)) / n_k,  v_k = sum_i H^k_ij x_i[:m_k],
+
+    n_k = max(|y[:m_k]|, eps) (projection dropped below eps). Segment s of `acc` holds
+    n_s sum_{k >= s} v_k / n_k there and `projection[k]` is y_hat^k . v_k (the kernel's sums over
+    the rows), so segment s of the gradient is acc_s / n_s - y[seg s] sum_{k >= s} projection_k / n_k^2."""
+    raw = prefixes.norms[:, lo : lo + y.shape[0]]
+    n = raw.clamp_min(NORM_EPS)
+    q = (projection / (n * n)).masked_fill_(raw <= NORM_EPS, 0.0)
+    suffix = q.flip(0).cumsum(0).flip(0)  # suffix[s] = sum over k >= s
+    start = 0
+    for s, m in enumerate(prefixes.dims):
+        grad[:, start:m].add_(acc[:, start:m] / n[s][:, None]).sub_(y[:, start:m].float() * suffix[s][:, None])
+        start = m
