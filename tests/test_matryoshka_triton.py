@@ -139,3 +139,23 @@ def test_zero_smallest_prefix_keeps_the_wider_features(dtype):
         err = (wide - wide_expected).abs().max().item()
         scale = wide_expected.abs().max().item()
         assert err <= TOLERANCES[dtype]["grad"] * scale, f"{name}[:, 1:] {dtype}: max error {err:.3g} vs {scale:.3g}"
+
+
+def test_chunk_shape_keeps_every_dim_under_the_cap():
+    """The K chunk matrices (input dtype) and pass 2's fp32 scratch (K x R x C) together stay under
+    the plain plan's cap, 1/8 of the inputs' bytes (at least 4 Mi entries' worth), so memory stays
+    linear in B whatever K is."""
+    from types import SimpleNamespace
+
+    from gist_fast.backends.triton_matryoshka import _chunk_shape
+
+    batch, dim, guide_dim = 65536, 768, 1024
+    student = torch.empty(batch, dim, dtype=torch.bfloat16, device="meta")
+    guide = torch.empty(batch, guide_dim, dtype=torch.bfloat16, device="meta")
+    n, gn = student.unsqueeze(0), guide.unsqueeze(0)
+    problem = SimpleNamespace(B=batch, P=batch, a=student, p=student, n=n, ga=guide, gp=guide, gn=gn)
+    input_bytes = 3 * batch * (dim + guide_dim) * 2
+    for dims in (1, 5, 8):
+        rows, cols = _chunk_shape(problem, Chunks(), dims)
+        assert dims * rows * cols * (2 + 4) <= input_bytes // 8, (dims, rows, cols)
+        assert 2 * rows * cols * dims * 6 > input_bytes // 8  # halved no further than needed

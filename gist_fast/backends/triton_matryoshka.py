@@ -4,13 +4,17 @@
 (cosine after truncation) against the full guide (benchmarks/NOTES.md, "Matryoshka"). The chunks and
 kernels are `triton_chunked`'s; what changes is the tile kernel, `matryoshka_tile_kernel`, which per
 tile forms the guide's keep mask once and sweeps the student features once in ascending segments
-(0:m_1, m_1:m_2, ...), writing after each segment that dim's W (pass 1) or H (pass 2) and tile
-statistics from the running dots and the dim's own prefix norms. Each dim keeps its own online
-logsumexp, target logit, row-side accumulators (R x m_k) and column-side accumulators (C x m_k),
-and its gradient GEMMs run over its first m_k features only; the K gradients, each taken through
-its own normalisation, are summed into one fp32 buffer per input. Memory stays linear in B: K chunk
-matrices (the chunk is shrunk so that all K fit the plain plan's cap), K (B,) vectors per
-statistic, fp32 gradient buffers.
+(0:m_1, m_1:m_2, ...), taking each dim's logits from the running dots and the dim's own prefix norms.
+
+- Pass 1: per dim its W and tile statistics, online logsumexp, target logit, row-side accumulators
+  (R x m_k) and a GEMM over its first m_k features.
+- Pass 2: per feature segment one H, summed over the dims that cover the segment, and one GEMM over
+  the segment's features; the normalisation's projections per dim and column come from the tile
+  kernel (`_column_gradients` assembles them).
+
+Each dim's gradients go through its own normalisation and are summed in one fp32 buffer per input.
+Memory stays linear in B: K chunk matrices and pass 2's fp32 scratch (the chunk is shrunk so that
+they fit the plain plan's cap), K (B,) vectors per statistic, fp32 gradient buffers.
 """
 
 from __future__ import annotations
