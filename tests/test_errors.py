@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import gist_fast
+from gist_fast.inputs import GISTOptions
 
 B, D, DG = 4, 6, 5
 
@@ -131,6 +132,9 @@ def test_without_triton_auto_takes_torch_and_triton_names_the_package(monkeypatc
         anchor=SimpleNamespace(device=torch.device("cuda")), batch_size=8, num_candidates=8, negatives=()
     )
     assert backends.auto_backend(on_cuda) == ("triton" if backends._triton_installed() else "torch")
+    if backends._triton_installed():  # a Matryoshka loss takes the plan with the one-pass path
+        assert backends.auto_backend(on_cuda, GISTOptions(matryoshka_dims=(4, 8))) == "triton_chunked"
+        assert backends.auto_backend(on_cuda, GISTOptions()) == "triton"
     monkeypatch.setattr(backends, "_triton_installed", lambda: False)
     assert backends.auto_backend(on_cuda) == "torch"
     for name in ("triton", "triton_chunked"):

@@ -64,11 +64,14 @@ def triton_plan(batch: int, candidates: int, negative_columns: int) -> str:
     return "triton" if logits < FUSED_PLAN_MAX_LOGITS else "triton_chunked"
 
 
-def auto_backend(inputs: GISTInputs) -> str:
+def auto_backend(inputs: GISTInputs, options: GISTOptions | None = None) -> str:
     """The best backend for the inputs' device and size: on CUDA where Triton is installed (it is
     not on every platform torch's CUDA builds run on), the faster Triton plan for the shape
-    (`triton_plan`); else the tiled torch one."""
+    (`triton_plan`), and the chunked plan for a Matryoshka loss (only it has the one-pass path);
+    else the tiled torch one."""
     if inputs.anchor.device.type == "cuda" and "triton" in _BACKENDS and _triton_installed():
+        if options is not None and options.matryoshka_dims is not None:
+            return "triton_chunked"
         return triton_plan(inputs.batch_size, inputs.num_candidates, len(inputs.negatives))
     return "torch"
 
@@ -77,10 +80,11 @@ def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def get_backend(name: str, inputs: GISTInputs) -> BackendFn:
-    """Resolve ``name`` (or ``"auto"``) to a backend function; unknown names raise ValueError."""
+def get_backend(name: str, inputs: GISTInputs, options: GISTOptions | None = None) -> BackendFn:
+    """Resolve ``name`` (or ``"auto"``, see `auto_backend`) to a backend function; unknown names
+    raise ValueError."""
     if name == "auto":
-        name = auto_backend(inputs)
+        name = auto_backend(inputs, options)
     if name not in _BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {name!r}")
     module, function = _BACKENDS[name]
@@ -93,7 +97,7 @@ def run(name: str, inputs: GISTInputs, options: GISTOptions) -> Tensor:
     """The loss by backend `name`. With ``options.matryoshka_dims``, a backend marked
     `common.one_pass_matryoshka` computes every prefix dim in one pass; any other backend is called
     once per dim (`matryoshka.compose_per_dimension`), which is correct but repeats the shared work."""
-    backend_fn = get_backend(name, inputs)
+    backend_fn = get_backend(name, inputs, options)
     if options.matryoshka_dims is None or has_one_pass_matryoshka(backend_fn):
         return backend_fn(inputs, options)
     return compose_per_dimension(backend_fn, inputs, options)
