@@ -4,8 +4,8 @@ Tolerances (relative to the largest magnitude of the compared tensor; see proble
 float64 1e-9; float32 loss 2e-5, gradients 1e-4; float16 loss 2e-5, gradients 2e-3; bfloat16 loss
 2e-5, gradients 1.6e-2. The oracle runs on the inputs rounded to the tested dtype, so only the
 backend's own arithmetic is measured. Guide decisions with |g - thr| below the guide's rounding
-error may differ between precisions; random inputs essentially never land there, and exact ties
-are tested with exactly representable inputs.
+error may differ between precisions; random inputs essentially never land there. Ties between
+bitwise-equal guide rows are decided exactly on every backend (tests/test_ties.py).
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ def test_option_cross_product_float64(backend, options):
 @pytest.mark.parametrize("batch", BATCHES)
 def test_shapes_float32(batch, dim, k):
     rng = rng_for("shapes", batch, dim, k)
-    # A guide dim of 1 makes every guide cosine +-1: all ties, decided by rounding (docs/loss.md).
+    # A guide dim of 1 makes every guide cosine +-1: ties in exact arithmetic between rows that are
+    # not bitwise equal, so decided by rounding (docs/loss.md).
     guide_dim = rng.choice([g for g in DIMS if g not in (dim, 1)])
     options = {key: rng.choice(values) for key, values in [("margin", [0.0, 0.05, 0.1, -0.1])]}
     options["margin_strategy"] = rng.choice(["absolute", "relative"])
@@ -224,8 +225,8 @@ def test_relative_margin_with_negative_positive_similarity(backend):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_anchor_equal_to_positive(backend):
     """a_i == p_i: the target logit is 1/tau, the loss stays finite and matches the oracle. When the
-    guide too sees identical texts, the AA and PP diagonals tie with t_i = 1 at margin 0 (decided by
-    rounding either way, docs/loss.md), so the guide case uses a margin that settles them."""
+    guide too sees identical texts, the AA and PP diagonals tie with t_i exactly (bitwise-equal guide
+    rows, decided exactly: tests/test_ties.py); here the guide case uses a margin that masks them."""
     rng = rng_for("anchor-eq-positive", backend)
     problem = draw_problem(rng, 9, 8, 6, 1, options={"reduction": "none", "temperature": 0.01})
     problem.student[1] = problem.student[0].clone() * 3.0
