@@ -314,24 +314,7 @@ class GISTEmbedLoss(_STGISTEmbedLoss):
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
         embeddings, guide_embeddings = self.embed(sentence_features)
-        _columns(type(self).__name__, embeddings, guide_embeddings)
-        device = embeddings[0].device
-        guide_embeddings = [g.to(device) for g in guide_embeddings]
-        return gist_loss(
-            embeddings[0],
-            embeddings[1],
-            guide_embeddings[0],
-            guide_embeddings[1],
-            embeddings[2:] or None,
-            guide_embeddings[2:] or None,
-            temperature=self.temperature,
-            margin_strategy=self.margin_strategy,
-            margin=self.margin,
-            contrast_anchors=self.contrast_anchors,
-            contrast_positives=self.contrast_positives,
-            gather_across_devices=self.gather_across_devices,
-            backend=self.backend,
-        )
+        return _gist_loss_of_columns(self, embeddings, guide_embeddings)
 
     @property
     def citation(self) -> str:
@@ -457,24 +440,7 @@ class CachedGISTEmbedLoss(_STCachedGISTEmbedLoss):
         gradient cache) and return it detached, as sentence-transformers' ``calculate_loss`` does.
         """
         _columns(type(self).__name__, reps, reps_guided)
-        columns = [torch.cat(r) for r in reps]
-        device = columns[0].device
-        guide_columns = [torch.cat(r).to(device) for r in reps_guided]
-        loss = gist_loss(
-            columns[0],
-            columns[1],
-            guide_columns[0],
-            guide_columns[1],
-            columns[2:] or None,
-            guide_columns[2:] or None,
-            temperature=self.temperature,
-            margin_strategy=self.margin_strategy,
-            margin=self.margin,
-            contrast_anchors=self.contrast_anchors,
-            contrast_positives=self.contrast_positives,
-            gather_across_devices=self.gather_across_devices,
-            backend=self.backend,
-        )
+        loss = _gist_loss_of_columns(self, [torch.cat(r) for r in reps], [torch.cat(r) for r in reps_guided])
         if with_backward:
             loss.backward()
             loss = loss.detach()
@@ -485,14 +451,15 @@ class CachedGISTEmbedLoss(_STCachedGISTEmbedLoss):
         return GIST_CITATION + GRADCACHE_CITATION
 
 
-def _matryoshka_gist_loss(
+def _gist_loss_of_columns(
     loss: GISTEmbedLoss | CachedGISTEmbedLoss,
     columns: list[Tensor],
     guide_columns: list[Tensor],
-    dims: Sequence[int],
-    weights: Sequence[float],
+    dims: Sequence[int] | None = None,
+    weights: Sequence[float] | None = None,
 ) -> Tensor:
-    """``sum_m w_m * L(columns[..., :m])`` with `loss`'s options, in one `gist_loss` call."""
+    """`gist_loss` with `loss`'s options on the embedding columns (anchor, positive, negatives...) and
+    the guide's; with `dims`, ``sum_m w_m * L(columns[..., :m])`` in the same one call."""
     _columns(type(loss).__name__, columns, guide_columns)
     device = columns[0].device
     guide_columns = [g.to(device) for g in guide_columns]
@@ -510,8 +477,8 @@ def _matryoshka_gist_loss(
         contrast_positives=loss.contrast_positives,
         gather_across_devices=loss.gather_across_devices,
         backend=getattr(loss, "backend", "auto"),
-        matryoshka_dims=tuple(dims),
-        matryoshka_weights=tuple(weights),
+        matryoshka_dims=None if dims is None else tuple(dims),
+        matryoshka_weights=None if weights is None else tuple(weights),
     )
 
 
@@ -528,7 +495,7 @@ class _OnePassCachedLoss:
     ) -> Tensor:
         dims, weights = self.matryoshka._dims_of_this_step(sort=False)
         columns, guide_columns = [torch.cat(r) for r in reps], [torch.cat(r) for r in reps_guided]
-        loss = _matryoshka_gist_loss(self.matryoshka.loss, columns, guide_columns, dims, weights)
+        loss = _gist_loss_of_columns(self.matryoshka.loss, columns, guide_columns, dims, weights)
         if with_backward:
             loss.backward()
             loss = loss.detach()
@@ -598,4 +565,4 @@ class MatryoshkaLoss(_STMatryoshkaLoss):
             return super().forward(sentence_features, labels)
         dims, weights = self._dims_of_this_step(sort=True)
         embeddings, guide_embeddings = self.loss.embed(sentence_features)
-        return _matryoshka_gist_loss(self.loss, list(embeddings), list(guide_embeddings), dims, weights)
+        return _gist_loss_of_columns(self.loss, list(embeddings), list(guide_embeddings), dims, weights)
