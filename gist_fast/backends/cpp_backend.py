@@ -6,6 +6,7 @@ cached under ``$TORCH_EXTENSIONS_DIR/gist_fast`` or ``~/.cache/gist_fast/torch_e
 (row tile, column tile) it runs the student and guide dots as matmuls, then one fused sweep per
 row that masks, updates the online logsumexp and forms the exp weights; row tiles (pass 1) and
 column tiles (pass 2) are spread over OpenMP threads without atomics, so results are deterministic.
+With ``matryoshka_dims`` every prefix dim is computed in the same two passes (cpp_matryoshka.py).
 
 The autograd glue mirrors the tiled torch backend: for ``reduction="mean"``/``"sum"`` the forward
 call computes loss and gradients and backward scales them; for ``"none"`` pass 2 runs in backward
@@ -27,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..inputs import GISTInputs, GISTOptions
-from .common import reduce, refuse_double_backward, row_weight
+from .common import one_pass_matryoshka, reduce, refuse_double_backward, row_weight
 from .ties import guide_row_ids
 
 TILE_ROWS = 128
@@ -245,6 +246,7 @@ class _GISTCppFunction(torch.autograd.Function):
         return (None, None, None, None, *student, *([None] * n_student))
 
 
+@one_pass_matryoshka
 def gist_loss_cpp(
     inputs: GISTInputs,
     options: GISTOptions,
@@ -258,12 +260,24 @@ def gist_loss_cpp(
     `tile_rows` x `tile_cols` is the logit tile each thread holds (twice: student and guide).
     Pass 1 keeps the guide mask as bits for pass 2 when they take at most `mask_limit_bytes`
     (default: the size of the inputs in float32, see `_default_mask_limit`; 0 never keeps them).
+    With ``options.matryoshka_dims`` every prefix dim comes from one sweep (`cpp_matryoshka`).
+
+    Example:
+        >>> import gist_fast
+        >>> a, p, ga, gp = torch.randn(4, 8, 16).unbind(0)
+        >>> gist_fast.gist_loss(a, p, ga, gp, backend="cpp", matryoshka_dims=(16, 4)).shape  # runs gist_loss_cpp
+        torch.Size([])
     """
     if inputs.anchor.device.type != "cpu":
         raise ValueError(f"backend='cpp' runs on the CPU; the inputs are on {inputs.anchor.device}")
     if tile_rows < 1 or tile_cols < 1:
         raise ValueError(f"tile sizes must be >= 1; got tile_rows={tile_rows}, tile_cols={tile_cols}")
     limit = _default_mask_limit(inputs) if mask_limit_bytes is None else mask_limit_bytes
+    if options.matryoshka_dims is not None:
+        from .cpp_matryoshka import gist_loss_cpp_matryoshka  # it builds on this module
+
+        keep_mask = mask_bytes(inputs, options) <= limit
+        return gist_loss_cpp_matryoshka(inputs, options, tile_rows=tile_rows, tile_cols=tile_cols, keep_mask=keep_mask)
     return _GISTCppFunction.apply(
         options,
         len(inputs.negatives),

@@ -1,0 +1,113 @@
+"""The C++ backend's one-pass Matryoshka loss against the float64 composition of single-dim losses.
+
+The oracle (test_matryoshka.composed) is ``sum_m w_m * reference(student[..., :m]; guide)`` in
+float64 on the inputs rounded to the tested dtype. The kernel is called directly with tiles smaller
+than the batch (rows and columns cross tile edges; dims 1, 7, 17, 33, 65 split the feature sweep
+unevenly), with pass 1's guide-mask bits kept for pass 2 and without them, and on planted exact
+ties (test_ties.plant_ties). Tolerances: problems.TOLERANCES (float64 1e-9; float32 loss 2e-5,
+gradients 1e-4; half inputs upcast to float32, their gradients at the fp16 / bf16 tolerances),
+relative to the compared tensor's largest magnitude, floors scaled by the sum of |w_m|
+(test_matryoshka.assert_matches_composition).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from problems import OPTION_GRID, draw_problem, rng_for
+from test_matryoshka import _cpp_available, assert_matches_composition, draw_dims, draw_weights
+from test_ties import plant_ties
+
+from gist_fast import backends
+from gist_fast.backends import cpp_backend
+from gist_fast.backends.common import has_one_pass_matryoshka
+from gist_fast.inputs import validate
+
+if not _cpp_available():
+    pytest.skip("the C++ extension cannot be built here", allow_module_level=True)
+
+ALWAYS, NEVER = 2**62, 0  # mask_limit_bytes: keep pass 1's guide-mask bits, or recompute in pass 2
+
+
+def cpp_one_pass(tile_rows: int, tile_cols: int, mask_limit_bytes: int):
+    """gist_loss_cpp called directly (the Matryoshka options reach it; no dispatcher composing)."""
+
+    def loss_fn(a, p, ga, gp, n, gn, **options):
+        inputs, opts = validate(a, p, ga, gp, n, gn, **options)
+        return cpp_backend.gist_loss_cpp(
+            inputs, opts, tile_rows=tile_rows, tile_cols=tile_cols, mask_limit_bytes=mask_limit_bytes
+        )
+
+    return loss_fn
+
+
+def random_options(rng, **fixed) -> dict:
+    return {key: rng.choice(values) for key, values in OPTION_GRID.items()} | fixed
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("mask_limit", [ALWAYS, NEVER], ids=["mask-bits", "guide-recomputed"])
+def test_small_tiles(reduction, mask_limit):
+    """Tiles of 5 rows x 7 columns across B = 11 (AA, PP and 0-2 negative blocks), dims of a 70-wide
+    student in random order and weights, float64 and float32."""
+    rng = rng_for("matryoshka-cpp-tiles", reduction, mask_limit)
+    problem = draw_problem(rng, 11, 70, 20, rng.choice([0, 1, 2]), options=random_options(rng, reduction=reduction))
+    dims = draw_dims(rng, 70)
+    weights = draw_weights(rng, dims)
+    for dtype in (torch.float64, torch.float32):
+        assert_matches_composition(cpp_one_pass(5, 7, mask_limit), problem, dims, weights, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("strategy", ["absolute", "relative"])
+def test_planted_ties(dtype, strategy):
+    """Exact ties (rows repeating other rows in student and guide) at margin 0 and a margin below
+    float32's rounding: decided by guide row ids for every dim as by the reference."""
+    for margin in (0.0, 1e-9 if strategy == "absolute" else 0.1):
+        rng = rng_for("matryoshka-cpp-ties", dtype, strategy, margin)
+        options = {"margin_strategy": strategy, "margin": margin, "temperature": 0.05, "reduction": "sum"}
+        options |= {"contrast_anchors": True, "contrast_positives": True}
+        problem = plant_ties(draw_problem(rng, 12, 40, 16, 1, options=options), rng)
+        dims = (40, 17, 1)
+        assert_matches_composition(cpp_one_pass(5, 7, ALWAYS), problem, dims, (1.0, 0.5, 2.0), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_inputs(dtype):
+    """Half inputs are upcast to float32; gradients come back in the input dtype."""
+    rng = rng_for("matryoshka-cpp-half", dtype)
+    problem = draw_problem(rng, 9, 70, 24, 1, options=random_options(rng))
+    dims = draw_dims(rng, 70)
+    assert_matches_composition(cpp_one_pass(4, 6, ALWAYS), problem, dims, draw_weights(rng, dims), dtype)
+
+
+class _CountingExtension:
+    """The compiled extension with its entry points' calls counted by name."""
+
+    def __init__(self, extension) -> None:
+        self.extension, self.calls = extension, []
+
+    def __getattr__(self, name):
+        function = getattr(self.extension, name)
+
+        def counted(*args, **kwargs):
+            self.calls.append(name)
+            return function(*args, **kwargs)
+
+        return counted
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_backend_takes_the_one_pass_path(monkeypatch, reduction):
+    """backend="cpp" is marked one-pass, and five dims take one Matryoshka forward and one backward
+    kernel call (the dispatcher's composition took five plain ones each)."""
+    assert has_one_pass_matryoshka(cpp_backend.gist_loss_cpp)
+    counting = _CountingExtension(cpp_backend.load_extension())
+    monkeypatch.setattr(cpp_backend, "_EXTENSION", counting)
+    rng = rng_for("matryoshka-cpp-path", reduction)
+    problem = draw_problem(rng, 6, 40, 8, 1, options=random_options(rng, reduction=reduction))
+    student, guide = problem.args()
+    inputs, opts = validate(student[0], student[1], guide[0], guide[1], student[2:], guide[2:], **problem.options,
+                            matryoshka_dims=(40, 33, 17, 5, 1))  # fmt: skip
+    backends.run("cpp", inputs, opts).sum().backward()
+    assert counting.calls == ["forward_matryoshka", "backward_matryoshka"]
