@@ -114,10 +114,12 @@ def load_extension():
             directory.mkdir(parents=True, exist_ok=True)
             sources = [str(source_dir() / name) for name in _SOURCES]
             try:
+                # -fno-trapping-math lets GCC if-convert the sweeps' selects (the mask, exp's range
+                # clamp): without it their `omp simd` loops compiled to scalar code (GCC 12).
                 _EXTENSION = cpp_extension.load(
                     name="gist_fast_cpu",
                     sources=sources,
-                    extra_cflags=["-O3", "-fno-math-errno", *_openmp_flags()],
+                    extra_cflags=["-O3", "-fno-math-errno", "-fno-trapping-math", *_openmp_flags()],
                     extra_ldflags=_openmp_flags(),
                     build_directory=str(directory),
                     verbose=os.environ.get("GIST_FAST_VERBOSE_BUILD", "") == "1",
