@@ -23,6 +23,8 @@ skipped and recorded with its estimate.
 Usage:
     .venv/bin/python benchmarks/bench_matryoshka_cpu.py                      # B = 1024, 4096; torch
     .venv/bin/python benchmarks/bench_matryoshka_cpu.py --batches 256 --methods torch:matryoshka,st
+    .venv/bin/python benchmarks/bench_matryoshka_cpu.py --batches 1024 --threads 1 --rounds 5 --repeats 3 \
+        --methods cpp:single,cpp:matryoshka,cpp:per-dim --tag cpp_2core_1thread   # the C++ backend
 
 Writes ``matryoshka_cpu_<tag>.json`` and ``.md`` under --out (default benchmarks/results/).
 """
