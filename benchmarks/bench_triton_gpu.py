@@ -80,8 +80,8 @@ from gpu_probes import kernel_breakdown, measure_ceilings  # noqa: E402
 
 from gist_fast.backends.reference import gist_loss_reference  # noqa: E402
 from gist_fast.backends.torch_tiled import gist_loss_torch  # noqa: E402
-from gist_fast.backends.triton_backend import Blocks, default_blocks, gist_loss_triton  # noqa: E402
-from gist_fast.backends.triton_chunked import Chunks  # noqa: E402
+from gist_fast.backends.triton import Blocks, Chunks, gist_loss_triton  # noqa: E402
+from gist_fast.backends.triton.fused import default_blocks  # noqa: E402
 from gist_fast.inputs import GISTInputs, GISTOptions, validate  # noqa: E402
 
 TEMPERATURE = 0.01
@@ -357,16 +357,16 @@ def check_correctness(batch: int, dim: int, guide_dim: int, device: str, plans: 
 
 def compiled_resources() -> dict[str, list[str]]:
     """Registers and spills of every kernel build Triton's JIT holds so far (the GPU's own build,
-    to set beside the offline report of gist_fast.backends.triton_compile_check)."""
-    from gist_fast.backends import triton_chunk_kernels, triton_kernels
+    to set beside the offline report of gist_fast.backends.triton.compile_check)."""
+    from gist_fast.backends.triton import chunked_kernels, fused_kernels
 
     found: dict[str, list[str]] = {}
     kernels = {
-        "row_pass_kernel": triton_kernels.row_pass_kernel,
-        "column_pass_kernel": triton_kernels.column_pass_kernel,
-        "tile_kernel": triton_chunk_kernels.tile_kernel,
-        "scaled_gemm_kernel": triton_chunk_kernels.scaled_gemm_kernel,
-        "chunk_stats_kernel": triton_chunk_kernels.chunk_stats_kernel,
+        "row_pass_kernel": fused_kernels.row_pass_kernel,
+        "column_pass_kernel": fused_kernels.column_pass_kernel,
+        "tile_kernel": chunked_kernels.tile_kernel,
+        "scaled_gemm_kernel": chunked_kernels.scaled_gemm_kernel,
+        "chunk_stats_kernel": chunked_kernels.chunk_stats_kernel,
     }
     for name, kernel in kernels.items():
         try:

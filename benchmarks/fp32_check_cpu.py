@@ -35,8 +35,7 @@ from bench_triton_gpu import _rel_err, _validated, make_inputs  # noqa: E402
 
 from gist_fast.backends.reference import gist_loss_reference  # noqa: E402
 from gist_fast.backends.torch_tiled import gist_loss_torch  # noqa: E402
-from gist_fast.backends.triton_backend import gist_loss_triton  # noqa: E402
-from gist_fast.backends.triton_chunked import Chunks  # noqa: E402
+from gist_fast.backends.triton import Chunks, gist_loss_triton  # noqa: E402
 
 DIM, GUIDE_DIM, TEMPERATURE = 768, 1024, 0.01
 METHODS = {

@@ -26,8 +26,8 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from problems import SESSION_SEED, TOLERANCES, draw_random_problem, loss_and_grads, oracle, upstream_weight  # noqa: E402
 
-from gist_fast.backends.triton_backend import INTERPRETER_BLOCKS, gist_loss_triton  # noqa: E402
-from gist_fast.backends.triton_chunked import Chunks  # noqa: E402
+from gist_fast.backends.triton import Chunks, gist_loss_triton  # noqa: E402
+from gist_fast.backends.triton.fused import INTERPRETER_BLOCKS  # noqa: E402
 from gist_fast.inputs import validate  # noqa: E402
 
 PLANS = {

@@ -20,9 +20,8 @@ from problems import OPTION_GRID, TEMPERATURES, Problem, draw_problem, rng_for  
 from test_matryoshka import assert_matches_composition, draw_weights  # noqa: E402
 
 from gist_fast import backends  # noqa: E402
-from gist_fast.backends import triton_chunk_kernels  # noqa: E402
 from gist_fast.backends.common import has_one_pass_matryoshka  # noqa: E402
-from gist_fast.backends.triton_backend import Chunks, gist_loss_triton, gist_loss_triton_chunked  # noqa: E402
+from gist_fast.backends.triton import Chunks, chunked_kernels, gist_loss_triton, gist_loss_triton_chunked  # noqa: E402
 from gist_fast.inputs import validate  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
@@ -90,11 +89,11 @@ def test_backend_takes_the_one_pass_path(monkeypatch):
     assert has_one_pass_matryoshka(gist_loss_triton_chunked)
     assert not has_one_pass_matryoshka(gist_loss_triton)
     plain_tiles, matryoshka_tiles = [], []
-    monkeypatch.setattr(triton_chunk_kernels, "tile_kernel", _Counted(triton_chunk_kernels.tile_kernel, plain_tiles))
+    monkeypatch.setattr(chunked_kernels, "tile_kernel", _Counted(chunked_kernels.tile_kernel, plain_tiles))
     monkeypatch.setattr(
-        triton_chunk_kernels,
+        chunked_kernels,
         "matryoshka_tile_kernel",
-        _Counted(triton_chunk_kernels.matryoshka_tile_kernel, matryoshka_tiles),
+        _Counted(chunked_kernels.matryoshka_tile_kernel, matryoshka_tiles),
     )
     rng = rng_for("matryoshka-triton-path")
     options = {key: rng.choice(values) for key, values in OPTION_GRID.items()} | {"reduction": "mean"}
@@ -147,7 +146,7 @@ def test_chunk_shape_keeps_every_dim_under_the_cap():
     linear in B whatever K is."""
     from types import SimpleNamespace
 
-    from gist_fast.backends.triton_matryoshka import _chunk_shape
+    from gist_fast.backends.triton.chunked_matryoshka import _chunk_shape
 
     batch, dim, guide_dim = 65536, 768, 1024
     student = torch.empty(batch, dim, dtype=torch.bfloat16, device="meta")

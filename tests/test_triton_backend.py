@@ -35,8 +35,8 @@ from problems import (  # noqa: E402
 
 import gist_fast  # noqa: E402
 from gist_fast.backends.reference import gist_loss_reference  # noqa: E402
-from gist_fast.backends.triton_backend import Blocks, gist_loss_triton, interpreting  # noqa: E402
-from gist_fast.backends.triton_chunked import Chunks  # noqa: E402
+from gist_fast.backends.triton import Blocks, Chunks, gist_loss_triton  # noqa: E402
+from gist_fast.backends.triton.common import interpreting  # noqa: E402
 from gist_fast.inputs import validate  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
@@ -230,7 +230,7 @@ def test_gather_offset(world, rank, dtype, plan):
 def test_kernel_layout_pads_odd_dims_and_keeps_aligned_inputs():
     """Inputs the kernels can read with 16-byte vectors are passed as they are; others (odd d,
     a strided feature axis, an unaligned row stride) are copied to a width padded to 16 with zeros."""
-    from gist_fast.backends.triton_backend import ROW_ALIGN, _kernel_layout
+    from gist_fast.backends.triton.common import ROW_ALIGN, _kernel_layout
 
     aligned = torch.randn(5, 32)
     assert _kernel_layout(aligned) is aligned
@@ -278,7 +278,7 @@ def test_rows_beyond_int32_offsets(plan):
     far_student = [far_apart(t) for t in student[:2]] + student[2:]
     far_guide = [far_apart(t) for t in guide[:2]] + guide[2:]
     assert far_student[0].stride(0) * 4 >= 2**31
-    from gist_fast.backends.triton_backend import _kernel_layout
+    from gist_fast.backends.triton.common import _kernel_layout
 
     assert all(_kernel_layout(t) is t for t in far_student[:2] + far_guide[:2])  # read in place
     loss, grads = run(far_student, far_guide)
@@ -412,7 +412,7 @@ def test_chunk_shape_is_capped_by_the_inputs():
     entries or one tile)."""
     from types import SimpleNamespace
 
-    from gist_fast.backends.triton_chunked import _chunk_shape
+    from gist_fast.backends.triton.chunked import _chunk_shape
 
     def problem(batch, dim, guide_dim, k=1):
         student = torch.empty(batch, dim, dtype=torch.bfloat16)
@@ -494,7 +494,7 @@ def _build_report(*args: str) -> dict[str, dict[str, int]]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     run = subprocess.run(
-        [sys.executable, "-m", "gist_fast.backends.triton_compile_check", *args],
+        [sys.executable, "-m", "gist_fast.backends.triton.compile_check", *args],
         capture_output=True, text=True, env=env, timeout=600,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]

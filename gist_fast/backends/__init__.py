@@ -29,8 +29,8 @@ BackendFn = Callable[[GISTInputs, GISTOptions], Tensor]
 _BACKENDS: dict[str, tuple[str, str]] = {
     "reference": ("gist_fast.backends.reference", "gist_loss_reference"),
     "torch": ("gist_fast.backends.torch_tiled", "gist_loss_torch"),
-    "triton": ("gist_fast.backends.triton_backend", "gist_loss_triton"),
-    "triton_chunked": ("gist_fast.backends.triton_backend", "gist_loss_triton_chunked"),
+    "triton": ("gist_fast.backends.triton", "gist_loss_triton"),
+    "triton_chunked": ("gist_fast.backends.triton", "gist_loss_triton_chunked"),
     "cpp": ("gist_fast.backends.cpp_backend", "gist_loss_cpp"),
 }
 
@@ -88,7 +88,8 @@ def get_backend(name: str, inputs: GISTInputs, options: GISTOptions | None = Non
     if name not in _BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {name!r}")
     module, function = _BACKENDS[name]
-    if module.startswith("gist_fast.backends.triton") and not _triton_installed():
+    # The Triton subpackage and its modules import triton at their top.
+    if f"{module}.".startswith("gist_fast.backends.triton.") and not _triton_installed():
         raise ValueError(f"backend={name!r} needs the package triton (pip install triton), or use backend='torch'")
     return getattr(importlib.import_module(module), function)
 

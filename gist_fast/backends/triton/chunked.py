@@ -19,17 +19,14 @@ accumulators, whatever B is.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import triton
 from torch import Tensor
 
-from ..inputs import NORM_EPS
-from . import triton_chunk_kernels as CK
-
-if TYPE_CHECKING:
-    from .triton_backend import _Problem
+from ...inputs import NORM_EPS
+from . import chunked_kernels as CK
+from .common import _Problem, interpreting
 
 LN2 = 0.6931471805599453
 
@@ -72,6 +69,14 @@ class Chunks:
             raise ValueError(f"gemm_k={self.gemm_k} must divide tile_n={self.tile_n}")
         if self.rows < 1 or self.columns < 1:
             raise ValueError(f"chunk rows={self.rows} and columns={self.columns} must be >= 1")
+
+
+# The chunked plan under the interpreter: 16-wide tiles, chunks of 64 x 64.
+INTERPRETER_CHUNKS = Chunks(rows=64, columns=64, tile_m=16, tile_n=16, tile_k=16, gemm_m=16, gemm_n=16, gemm_k=16)
+
+
+def default_chunks() -> Chunks:
+    return INTERPRETER_CHUNKS if interpreting() else Chunks()
 
 
 @dataclass

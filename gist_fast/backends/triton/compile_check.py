@@ -14,8 +14,8 @@ integer arguments are given sample values of a realistic problem (`--dims`).
 
 Run it in a process where TRITON_INTERPRET is unset (the interpreter replaces `triton.jit`):
 
-    python -m gist_fast.backends.triton_compile_check                      # default tiles, bf16
-    python -m gist_fast.backends.triton_compile_check --blocks 64 128 32 8 --stages 3 --dims 768 1024
+    python -m gist_fast.backends.triton.compile_check                      # default tiles, bf16
+    python -m gist_fast.backends.triton.compile_check --blocks 64 128 32 8 --stages 3 --dims 768 1024
 """
 
 from __future__ import annotations
@@ -32,10 +32,12 @@ from pathlib import Path
 import triton
 from triton.backends.compiler import GPUTarget
 
-from . import triton_chunk_kernels as CK
-from . import triton_kernels as K
-from .triton_backend import GPU_BLOCKS, Blocks, padded_width
-from .triton_chunked import Chunks, stats_blocks
+from . import chunked_kernels as CK
+from . import fused_kernels as K
+from . import shared_kernels as SK
+from .chunked import Chunks, stats_blocks
+from .common import padded_width
+from .fused import GPU_BLOCKS, Blocks
 
 _STUDENT = {"a", "p", "n", "ga", "gp", "gn", "grad_a", "grad_p", "out", "x", "y", "gx", "gy", "w_out", "b"}
 _FP32_PTRS = {
@@ -94,7 +96,7 @@ def _signature(fn, dtype: str, constexprs: dict, ints: dict[str, int]) -> tuple[
         if name in constexprs:
             sig[name] = "constexpr"
             continue
-        if name in _FP32_PTRS or (name == "out" and fn in (K.row_dots_kernel, CK.scaled_gemm_kernel)):
+        if name in _FP32_PTRS or (name == "out" and fn in (SK.row_dots_kernel, CK.scaled_gemm_kernel)):
             sig[name] = "*fp32"
         elif name in _I32_PTRS:
             sig[name] = "*i32"
@@ -132,7 +134,7 @@ def kernel_variants(
         )
         for s in (0, 1, 2)
     ]
-    variants.append(("row_dots", K.row_dots_kernel, {"BLOCK_R": 16, "BLOCK_K": 64}, fused))
+    variants.append(("row_dots", SK.row_dots_kernel, {"BLOCK_R": 16, "BLOCK_K": 64}, fused))
     tile = {"BLOCK_M": chunks.tile_m, "BLOCK_N": chunks.tile_n, "BLOCK_K": chunks.tile_k} | dots
     gemm = {"BLOCK_M": chunks.gemm_m, "BLOCK_N": chunks.gemm_n, "BLOCK_K": chunks.gemm_k, "TILE": chunks.tile_n} | dots
     tile_opts = {"num_warps": chunks.tile_warps, "num_stages": chunks.stages}
@@ -248,7 +250,7 @@ def _markdown(report: dict[str, Build], blocks: Blocks, chunks: Chunks, args, ar
     lines = [
         f"# Offline sm_90 build of the Triton kernels ({args.dtype}, d = {args.dims[0]}, dg = {args.dims[1]})",
         "",
-        f"Command: `python -m gist_fast.backends.triton_compile_check {' '.join(argv)}`. Built ahead of time",
+        f"Command: `python -m gist_fast.backends.triton.compile_check {' '.join(argv)}`. Built ahead of time",
         f"for sm_90 (H100) on a machine without a GPU ({platform.machine()}, {platform.processor() or 'CPU'}),",
         f"triton {triton.__version__}, torch {torch.__version__}; no kernel ran. Fused tiles: {blocks};",
         f"chunked tiles: {chunks}.",

@@ -2,7 +2,7 @@
 
 ``sum_k w_k L_k``, L_k the GIST loss of the student embeddings cut to their first m_k features
 (cosine after truncation) against the full guide (benchmarks/NOTES.md, "Matryoshka"). The chunks and
-kernels are `triton_chunked`'s; what changes is the tile kernel, `matryoshka_tile_kernel`, which per
+kernels are `chunked`'s; what changes is the tile kernel, `matryoshka_tile_kernel`, which per
 tile forms the guide's keep mask once and sweeps the student features once in ascending segments
 (0:m_1, m_1:m_2, ...), taking each dim's logits from the running dots and the dim's own prefix norms.
 
@@ -19,25 +19,21 @@ they fit the plain plan's cap), K (B,) vectors per statistic, fp32 gradient buff
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import triton
 from torch import Tensor
 
-from ..inputs import NORM_EPS
-from . import triton_chunk_kernels as CK
-from .triton_chunked import LN2, MAX_CHUNK_TILES, Chunks, _blocks, _jacobian_, _pow2, _pow2_split, stats_blocks
-
-if TYPE_CHECKING:
-    from .triton_backend import _Problem
+from ...inputs import NORM_EPS
+from . import chunked_kernels as CK
+from .chunked import LN2, MAX_CHUNK_TILES, Chunks, _blocks, _jacobian_, _pow2, _pow2_split, stats_blocks
+from .common import _Problem, _row_dots
 
 
 class _Prefixes:
     """The dims ascending with their weights, the segment bounds for the kernel, and the prefix
     norms |x[:m_k]| of every student row (K x (B + P + kP), laid out like `_Problem.norms`)."""
 
-    def __init__(self, problem: _Problem, row_dots) -> None:
+    def __init__(self, problem: _Problem) -> None:
         options = problem.options
         pairs = sorted(zip(options.matryoshka_dims, options.matryoshka_weights, strict=True))
         self.dims = [m for m, _ in pairs]
@@ -49,7 +45,7 @@ class _Prefixes:
         # Squared norms segment by segment (fp32, as the plain plan's norms), summed into prefixes.
         segments = torch.stack(
             [
-                torch.cat([row_dots(t[:, a:b], t[:, a:b]) for t in inputs])
+                torch.cat([_row_dots(t[:, a:b], t[:, a:b]) for t in inputs])
                 for a, b in zip(starts, self.dims, strict=True)
             ]
         )
@@ -60,7 +56,7 @@ class _Prefixes:
 
 
 def _chunk_shape(problem: _Problem, chunks: Chunks, n_dims: int) -> tuple[int, int]:
-    """(R, C) as `triton_chunked._chunk_shape`, with the K chunk matrices and pass 2's fp32 scratch
+    """(R, C) as `chunked._chunk_shape`, with the K chunk matrices and pass 2's fp32 scratch
     (K x R x C) together under its cap (1/8 of the inputs' bytes, at least 4 Mi entries' worth)."""
     rows, cols = min(chunks.rows, problem.B), min(chunks.columns, max(problem.B, problem.P))
     cols = min(cols, MAX_CHUNK_TILES * chunks.tile_n)
@@ -130,7 +126,7 @@ class _Launcher:
         )  # fmt: skip
 
     def stats(self, k: int, nr: int, nc: int, big: Tensor, total: Tensor, ref: Tensor | None) -> None:
-        """Dim k's online-softmax step after a chunk (`triton_chunked._Launcher.stats`)."""
+        """Dim k's online-softmax step after a chunk (`chunked._Launcher.stats`)."""
         tiles = triton.cdiv(nc, self.chunks.tile_n)
         block_r, block_t = stats_blocks(self.tile_max.shape[2])
         CK.chunk_stats_kernel[(triton.cdiv(nr, block_r),)](
@@ -176,17 +172,18 @@ def _norm_offsets(problem: _Problem, blocks) -> None:
         blk.norm_lo_y = (0, B)[blk.column_source] if blk.column_source < 2 else B + P + (blk.column_source - 2) * P
 
 
-def run_chunked_matryoshka(problem: _Problem, weight: Tensor, with_grad: bool, chunks: Chunks, flags: dict,
-                           row_dots) -> tuple[Tensor, tuple | None]:  # fmt: skip
+def run_chunked_matryoshka(
+    problem: _Problem, weight: Tensor, with_grad: bool, chunks: Chunks, flags: dict
+) -> tuple[Tensor, tuple | None]:
     """Pass 1 (and, with_grad, pass 2) for every dim of ``problem.options.matryoshka_dims``.
 
     Returns the per-row losses ``sum_k w_k max(lse_k - z_k,target, 0)`` (B,) and the gradients
     (anchor, positive, (k, P, d) negatives; fp32, d the kernels' width) of ``sum_i weight_i loss_i``,
-    or None without with_grad. `row_dots`: the backend's fp32 row-dot function (for the norms)."""
+    or None without with_grad."""
     B, P, k_neg, d = problem.B, problem.P, problem.k, problem.a.shape[1]
     dev, o = problem.a.device, problem.options
     inv_temp = 1.0 / o.temperature
-    prefixes = _Prefixes(problem, row_dots)
+    prefixes = _Prefixes(problem)
     K, dims = len(prefixes), prefixes.dims
     blocks = _blocks(problem)
     _norm_offsets(problem, blocks)
@@ -273,7 +270,7 @@ def run_chunked_matryoshka(problem: _Problem, weight: Tensor, with_grad: bool, c
 
 def _row_side_gradients(problem, prefixes, k, weight, acc, scale, not_target, r0, nr, inv_temp, grads) -> None:
     """Dim k's row-side gradients of anchor rows r0 + [0, nr), added into the fp32 grads
-    (`triton_chunked._row_side_gradients` for the prefix: dim k's norms, features and weight)."""
+    (`chunked._row_side_gradients` for the prefix: dim k's norms, features and weight)."""
     o, B, m = problem.options.offset, problem.B, prefixes.dims[k]
     rows = slice(r0, r0 + nr)
     own = slice(o + r0, o + r0 + nr)

@@ -1,12 +1,12 @@
 """Triton kernels of the chunked GIST loss (benchmarks/NOTES.md, v3): GEMM-shaped, no scratch.
 
-The fused kernels (`triton_kernels`) keep each program's row-side gradient (rows x d in fp32) in an
+The fused kernels (`fused_kernels`) keep each program's row-side gradient (rows x d in fp32) in an
 L2 scratch, which caps them near 33 FLOP/byte. Here the work is cut into chunks of R anchor rows x
 C columns of one block, and each chunk runs two kernels whose tiles have a GEMM's traffic (and,
 in pass 1, a small one between them):
 
 - `tile_kernel`: the masked logits z of a BLOCK_M x BLOCK_N tile (student and guide dots, the
-  guide's mask: `_logit_tile`, shared with the fused kernels), then
+  guide's mask: `shared_kernels._logit_tile`, shared with the fused kernels), then
   - pass 1 (MODE 0): e = exp(z) / 2^q_t with q_t the row's max in this tile rounded up to a whole
     power of two (so e <= 1), q_t and the row's sum of e in fp32, W = e / |y_j| / 2^k_t (at most 1,
     k_t recorded), and the target logit z_{i,o+i} (block AP; the target's own entry is left out of
@@ -20,7 +20,7 @@ in pass 1, a small one between them):
 - `chunk_stats_kernel` (pass 1, between the two): the online-softmax step over the chunk's tile
   maxima and sums (running max, sum, row_scale and alpha for the GEMM), one small launch.
 
-The orchestration over chunks and the normalisation Jacobian are in `triton_chunked`.
+The orchestration over chunks and the normalisation Jacobian are in `chunked` (Matryoshka: `chunked_matryoshka`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_kernels import _dot_tile, _load_norms, _logit_tile
+from .shared_kernels import _dot_tile, _load_norms, _logit_tile
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 
