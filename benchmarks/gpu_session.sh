@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue 10's GPU checks in one device call (H100/H200), sized to 9 minutes of device time with the
 # machine's start (~1-1.5 min):
-#   1. the GPU test suite, capped at 170 s: tests/test_triton_backend.py (and tests/test_ties.py
-#      when present) on 12 pytest-xdist workers (the kernels' JIT compilation is most of the suite's
+#   1. the GPU test suite, capped at 170 s: tests/test_triton_backend.py (and tests/test_ties.py,
+#      tests/test_matryoshka_triton.py when present) on 12 pytest-xdist workers (the kernels' JIT compilation is most of the suite's
 #      time and runs on the CPU cores: 6 workers got 98 % through in 130 s on 2026-11-29), every
 #      test capped at 150 s; the offline sm_90 build tests are left to the CPU's CI;
 #   2. the benchmark within a 200 s budget: the float64 correctness check (both Triton plans,
@@ -40,6 +40,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 # 1. GPU tests. GIST_TEST_SEED is printed in the log's header (every xdist worker draws from it).
 test_files=(tests/test_triton_backend.py)
 [ -f tests/test_ties.py ] && test_files+=(tests/test_ties.py)
+[ -f tests/test_matryoshka_triton.py ] && test_files+=(tests/test_matryoshka_triton.py)  # issue 13: one-pass dims
 [ -f tests/test_training_gpu.py ] && test_files+=(tests/test_training_gpu.py)  # issue 11: the trainer on CUDA
 timeout -k 10 "$tests_s" python3 -m pytest -q -p no:cacheprovider -n "$workers" --dist worksteal \
     --timeout 150 --tb=short -rfE --durations=25 -k "not build_for_sm90" "${test_files[@]}" \
