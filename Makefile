@@ -7,9 +7,10 @@ PY := $(VENV)/bin/python
 setup:
 	@bash scripts/setup-venv.sh
 
-# The default training run: offline, on the CPU, a few minutes.
+# The default training run: offline, on the CPU, a few minutes (into runs/default; a second run
+# there is refused: `make train ARGS=--overwrite` replaces it, `ARGS=--resume` continues it).
 train: setup
-	HF_HUB_OFFLINE=1 $(VENV)/bin/gist-fast train
+	HF_HUB_OFFLINE=1 $(VENV)/bin/gist-fast train $(ARGS)
 
 # Lint, then the whole test suite (CPU; Triton kernels under TRITON_INTERPRET=1).
 test: setup
