@@ -3,19 +3,19 @@
 The oracle (test_matryoshka.composed) is ``sum_m w_m * reference(student[..., :m]; guide)`` in
 float64 on the inputs rounded to the tested dtype. The kernel is called directly with tiles smaller
 than the batch (rows and columns cross tile edges; dims 1, 7, 17, 33, 65 split the feature sweep
-unevenly), with pass 1's guide-mask bits kept for pass 2 and without them, and on planted exact
-ties (test_ties.plant_ties). Tolerances: problems.TOLERANCES (float64 1e-9; float32 loss 2e-5,
-gradients 1e-4; half inputs upcast to float32, their gradients at the fp16 / bf16 tolerances),
-relative to the compared tensor's largest magnitude, floors scaled by the sum of |w_m|
-(test_matryoshka.assert_matches_composition).
+unevenly), with pass 1's guide-mask bits kept for pass 2 and without them, on planted exact ties
+(test_ties.plant_ties) and on prefixes whose norm is below eps. Tolerances: problems.TOLERANCES
+(float64 1e-9; float32 loss 2e-5, gradients 1e-4; half inputs upcast to float32, their gradients at
+the fp16 / bf16 tolerances), relative to the compared tensor's largest magnitude, floors scaled by
+the sum of |w_m| (test_matryoshka.assert_matches_composition).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from problems import OPTION_GRID, draw_problem, rng_for
-from test_matryoshka import _cpp_available, assert_matches_composition, draw_dims, draw_weights
+from problems import OPTION_GRID, TOLERANCES, assert_close_scaled, draw_problem, loss_and_grads, rng_for
+from test_matryoshka import _cpp_available, assert_matches_composition, composed, draw_dims, draw_weights
 from test_ties import plant_ties
 
 from gist_fast import backends
@@ -111,3 +111,27 @@ def test_backend_takes_the_one_pass_path(monkeypatch, reduction):
                             matryoshka_dims=(40, 33, 17, 5, 1))  # fmt: skip
     backends.run("cpp", inputs, opts).sum().backward()
     assert counting.calls == ["forward_matryoshka", "backward_matryoshka"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_zero_prefix(dtype):
+    """Rows whose first feature is 0 or 3e-10: dim 1's prefix norm is below eps = 1e-8 (clamped: its
+    gradient takes the constant-norm branch, ~1/eps), while the wider dims of the same rows are
+    ordinary. Loss, the first feature's gradients and the other features' gradients each within
+    problems.TOLERANCES of the float64 composition, relative to their own largest magnitude. (The
+    first feature's gradient is compared in float64 only: through dim 1 its exact value at the other
+    rows is 0 and the float32 one is round-off over |x[:, 0]|, which the random draws make small.)"""
+    rng = rng_for("matryoshka-cpp-zero-prefix", dtype)
+    problem = draw_problem(rng, 9, 40, 12, 1, options=random_options(rng, reduction="sum", temperature=0.05))
+    for t in problem.student:
+        t[::4, 0] = 0.0  # dim 1's prefix norm is 0 ...
+        t[2::4, 0] = 3e-10  # ... or below eps but not 0 (its projection is dropped, not 0 by itself)
+    dims, weights = (1, 17, 40), (1.0, 0.5, 2.0)
+    expected_loss, expected = composed(problem, dims, weights, dtype)
+    loss, grads = loss_and_grads(cpp_one_pass(4, 6, NEVER), problem, dtype, matryoshka_dims=dims,
+                                 matryoshka_weights=weights)  # fmt: skip
+    tol = TOLERANCES[dtype]
+    assert_close_scaled(loss, expected_loss, tol["loss"], "loss")
+    for name, g, e in zip(["anchor", "positive", "negatives[0]"], grads, expected, strict=True):
+        for features in (slice(0, 1), slice(1, None)) if dtype == torch.float64 else (slice(1, None),):
+            assert_close_scaled(g[:, features], e[:, features], tol["grad"], f"grad {name}[:, {features}]")
