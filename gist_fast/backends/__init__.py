@@ -5,7 +5,7 @@ autograd support for the student inputs. Each lives in its own module and is imp
 use, so a missing optional dependency (Triton, a C++ toolchain) only matters when it is asked for.
 
 Matryoshka losses (``options.matryoshka_dims``): a backend that computes every prefix dim itself
-in one pass marks its function with `common.one_pass_matryoshka` ("reference", "torch" and
+in one pass marks its function with `common.one_pass_matryoshka` ("reference", "torch", "cpp" and
 "triton_chunked" do);
 `run` calls any other backend once per dim on truncated inputs (`matryoshka.compose_per_dimension`).
 A backend opts in by decorating its function; nothing here changes.
