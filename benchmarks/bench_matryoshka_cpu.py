@@ -125,14 +125,22 @@ class _InjectedModel:
         return self.dim
 
 
-def st_matryoshka(student, guide):
-    """sentence-transformers' MatryoshkaLoss(GISTEmbedLoss) on the given embeddings."""
+def st_matryoshka(student, guide, dims=DIMS, temperature=TEMPERATURE):
+    """sentence-transformers' MatryoshkaLoss(GISTEmbedLoss) on the given embeddings.
+
+    Args:
+        student: [anchor, positive, negative], each (B, d); the prefix dims are taken from these.
+        guide: the guide's [anchor, positive, negative], each (B, dg), never truncated.
+        dims: the Matryoshka prefix dims, each in [1, d] (default this benchmark's five of 768).
+        temperature: GISTEmbedLoss's temperature.
+    (benchmarks/bench_triton_gpu.py times it on the GPU with the same helper.)
+    """
     from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss
     from st_injection import _gist_module, make_st_gist_loss
 
-    inner = make_st_gist_loss(temperature=TEMPERATURE)
-    model = inner.model = _InjectedModel(DIM)
-    loss = MatryoshkaLoss(model, inner, list(DIMS))
+    inner = make_st_gist_loss(temperature=temperature)
+    model = inner.model = _InjectedModel(student[0].shape[1])
+    loss = MatryoshkaLoss(model, inner, list(dims))
     original = _gist_module.embed_columns
 
     def embed_columns(which, features_list, *args, **kwargs):

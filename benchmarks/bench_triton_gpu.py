@@ -28,12 +28,22 @@ What it does, in order, under one time budget (``--budget-s``, default 500 s):
      matmuls, fp32 logits, ``masked_fill(-inf)``, ``torch.cat``, ``F.cross_entropy``), issue 10's yardstick;
    - ``compiled``: ``torch.compile(dynamic=True)`` of the materialised loss, compiled in an
      untimed warm-up call first (the first GPU run timed its 69 s compilation);
-   - ``sentence-transformers``: its ``GISTEmbedLoss`` on injected embeddings (benchmarks/st_injection.py).
+   - ``sentence-transformers``: its ``GISTEmbedLoss`` on injected embeddings (benchmarks/st_injection.py);
+   - issue 13's Matryoshka loss, prefix dims (768, 512, 256, 128, 64) at d = 768 (the same fractions
+     of another d): ``triton-chunked-matryoshka`` (backend "triton_chunked"'s one-pass path, the
+     chunked plan's tiles), ``torch-matryoshka`` (backend "torch"'s one-pass path) and
+     ``sentence-transformers-matryoshka`` (its ``MatryoshkaLoss(GISTEmbedLoss)`` on injected
+     embeddings, benchmarks/bench_matryoshka_cpu.py's helper). The report's Matryoshka table gives
+     each one-pass loss's time over its single-dim method's at the same B (``triton-chunked``,
+     ``torch``; target <= 1.6x) and over sentence-transformers' (target <= 0.5x).
    Out-of-memory is recorded as such (also when the logits alone would not fit: "predicted"); a
    run whose predicted time exceeds the remaining budget is recorded as skipped.
 
 Effective TFLOP/s = 2 B N (3d + dg) / time, N = all candidate columns (4B here): the useful work of
-the forward similarities and the two gradient products (benchmarks/NOTES.md).
+the forward similarities and the two gradient products (benchmarks/NOTES.md). Matryoshka rows count
+2 B N (2 dg + 2 max m + 2 sum m) instead: the executed FLOPs of the two-pass one-pass plan in
+benchmarks/NOTES.md's Matryoshka section (7040 per 2BN at d = 768 against 5120 for one dim; the
+chunked plan itself executes 6080), the same count for every Matryoshka method.
 
 Results go to ``--out`` (default benchmarks/results/): ``triton_gpu_<gpu>.json``, ``.md`` (a table)
 and ``.png`` (time and memory against B, one panel row per d), naming the GPU and the versions. The
@@ -43,6 +53,8 @@ sweep too; correctness and the probes always run.
 
 Usage (repo root):
     python3 benchmarks/bench_triton_gpu.py --out "$OUT"   # on a GPU, about 8-9 minutes
+    python3 benchmarks/bench_triton_gpu.py --out "$OUT" --dims 768 --batches 1024 4096 16384 65536 --no-tune \
+        --methods triton-chunked triton-chunked-matryoshka sentence-transformers-matryoshka --tag matryoshka
     python3 benchmarks/bench_triton_gpu.py --smoke        # CPU, Triton interpreter, tiny shapes: checks the script
 
 If the kernel runs at the rate predicted in benchmarks/NOTES.md, B = 1048576 takes minutes and the
@@ -86,7 +98,18 @@ from gist_fast.inputs import GISTInputs, GISTOptions, validate  # noqa: E402
 
 TEMPERATURE = 0.01
 OPTIONS = GISTOptions(temperature=TEMPERATURE, margin=0.0, contrast_anchors=True, contrast_positives=True)
-METHODS = ["triton", "triton-chunked", "materialised-bf16", "torch", "reference", "compiled", "sentence-transformers"]
+# Issue 13's Matryoshka prefix dims at d = 768 (`matryoshka_dims` scales them to another d).
+MATRYOSHKA_DIMS = (768, 512, 256, 128, 64)
+# Each Matryoshka method and the single-dim method it is compared with at the same B (the 1x).
+MATRYOSHKA_SINGLE = {
+    "triton-chunked-matryoshka": "triton-chunked",
+    "torch-matryoshka": "torch",
+    "sentence-transformers-matryoshka": "sentence-transformers",
+}
+# The gist-fast one-pass Matryoshka losses (checked against the float64 composition of single dims).
+ONE_PASS_MATRYOSHKA = ("triton-chunked-matryoshka", "torch-matryoshka")
+METHODS = ["triton", "triton-chunked", "materialised-bf16", "torch", "reference", "compiled", "sentence-transformers",
+           *MATRYOSHKA_SINGLE]  # fmt: skip
 # Methods whose first call compiles (seconds to minutes): one untimed warm-up call before measuring.
 COMPILING_METHODS = ("compiled",)
 # The two plans of backend="triton": the fused kernels (the default) and the chunked ones (NOTES.md v3).
@@ -131,12 +154,42 @@ def useful_flops(batch: int, dim: int, guide_dim: int) -> float:
     return 2.0 * batch * num_columns(batch) * (3 * dim + guide_dim)
 
 
-def _validated(student, guide) -> tuple[GISTInputs, GISTOptions]:
+def matryoshka_dims(dim: int) -> tuple[int, ...]:
+    """The Matryoshka prefix dims benchmarked at student width `dim`: issue 13's (768, 512, 256,
+    128, 64) at d = 768, the same fractions of d elsewhere (floored, duplicates dropped), none below
+    min(d, 4): the smoke run's d = 16 would give prefixes of 2 and 1, where the chunked one-pass
+    path's bf16 gradients are off by up to 0.27 of the largest (its summed segment matrix cancels
+    a 1-wide prefix's large terms after rounding them to bf16; the per-dim composition: 0.005).
+
+    Example:
+        >>> matryoshka_dims(768), matryoshka_dims(16)
+        ((768, 512, 256, 128, 64), (16, 10, 5, 4))
+    """
+    floor = min(dim, 4)
+    return tuple(dict.fromkeys(max(floor, dim * m // MATRYOSHKA_DIMS[0]) for m in MATRYOSHKA_DIMS))
+
+
+def matryoshka_flops(batch: int, dim: int, guide_dim: int) -> float:
+    """Executed FLOPs of the two-pass one-pass Matryoshka plan (benchmarks/NOTES.md, "Matryoshka"):
+    per logit entry and pass the guide dots (dg), one student sweep up to max m, one gradient
+    product per dim (m): 2 B N (2 dg + 2 max m + 2 sum m)."""
+    dims = matryoshka_dims(dim)
+    return 2.0 * batch * num_columns(batch) * (2 * guide_dim + 2 * max(dims) + 2 * sum(dims))
+
+
+def row_flops(name: str, batch: int, dim: int, guide_dim: int) -> tuple[float, str]:
+    """The FLOP count a row's TFLOP/s divides by, and its name."""
+    if name in MATRYOSHKA_SINGLE:
+        return matryoshka_flops(batch, dim, guide_dim), "2BN(2dg + 2 max m + 2 sum m), executed, one-pass plan"
+    return useful_flops(batch, dim, guide_dim), "2BN(3d + dg), useful"
+
+
+def _validated(student, guide, dims: tuple[int, ...] | None = None) -> tuple[GISTInputs, GISTOptions]:
     return validate(
         student[0], student[1], guide[0], guide[1], student[2:], guide[2:],
         temperature=OPTIONS.temperature, margin_strategy=OPTIONS.margin_strategy, margin=OPTIONS.margin,
         contrast_anchors=OPTIONS.contrast_anchors, contrast_positives=OPTIONS.contrast_positives,
-        reduction=OPTIONS.reduction, check_finite=False,
+        reduction=OPTIONS.reduction, check_finite=False, matryoshka_dims=dims,
     )  # fmt: skip
 
 
@@ -202,6 +255,15 @@ def method_fn(name: str, plans: dict[str, Blocks | Chunks]):
 
         loss = make_st_gist_loss(temperature=TEMPERATURE, margin=0.0, contrast_anchors=True, contrast_positives=True)
         return lambda s, g: st_gist_loss(s[0], s[1], g[0], g[1], s[2], g[2], loss=loss)
+    if name == "triton-chunked-matryoshka":  # Chunks tiles: the chunked plan's one-pass path
+        chunks = plans["triton-chunked"]
+        return lambda s, g: gist_loss_triton(*_validated(s, g, matryoshka_dims(s[0].shape[1])), blocks=chunks)
+    if name == "torch-matryoshka":
+        return lambda s, g: gist_loss_torch(*_validated(s, g, matryoshka_dims(s[0].shape[1])))
+    if name == "sentence-transformers-matryoshka":
+        from bench_matryoshka_cpu import st_matryoshka
+
+        return lambda s, g: st_matryoshka(s, g, dims=matryoshka_dims(s[0].shape[1]), temperature=TEMPERATURE)
     raise ValueError(name)
 
 
@@ -213,7 +275,7 @@ def min_bytes(name: str, batch: int, dim: int) -> float:
         return 3 * 4.0 * batch * num_columns(batch)
     if name in ("reference", "compiled"):
         return 4.0 * batch * num_columns(batch)  # fp32 logits
-    if name == "sentence-transformers":
+    if name in ("sentence-transformers", "sentence-transformers-matryoshka"):
         return 2.0 * batch * batch * dim  # one broadcast B x B x d product in bf16
     return 0.0
 
@@ -355,6 +417,37 @@ def check_correctness(batch: int, dim: int, guide_dim: int, device: str, plans: 
     return rows
 
 
+def check_matryoshka(
+    batch: int, dim: int, guide_dim: int, device: str, plans: dict, methods: tuple[str, ...]
+) -> list[dict]:
+    """`methods` (one-pass Matryoshka losses, ONE_PASS_MATRYOSHKA) in bf16 against the float64 sum
+    of single-dim "torch" losses on the truncated inputs (the definition, not a one-pass path), at
+    the plain check's bf16 tolerances. bf16 only: the sweep's dtype, and each dtype costs the GPU a
+    compilation of the Matryoshka kernels (the interpreter tests cover fp32 and fp16)."""
+    from gist_fast.backends.matryoshka import compose_per_dimension
+
+    dims, tol = matryoshka_dims(dim), CHECK_TOLERANCES[torch.bfloat16]
+    student, guide = make_inputs(batch, dim, guide_dim, torch.bfloat16, device, seed=2)
+    wide = [t.detach().double().requires_grad_() for t in student], [t.double() for t in guide]
+    oracle = lambda s, g: compose_per_dimension(gist_loss_torch, *_validated(s, g, dims))  # noqa: E731
+    l_64, g_64 = _loss_and_grads(oracle, *wide)
+    del wide
+    rows = []
+    for name in methods:
+        loss, grads = _loss_and_grads(method_fn(name, plans), student, guide)
+        loss_err = _rel_err(loss, l_64)
+        grad_errs = [_rel_err(a, b) for a, b in zip(grads, g_64, strict=True)]
+        row = {
+            "plan": name, "dtype": "bfloat16", "B": batch, "d": dim, "dg": guide_dim, "matryoshka_dims": list(dims),
+            "oracle": "sum of single-dim torch losses, float64", "loss": loss.item(), "loss_float64": l_64.item(),
+            "loss_rel_err": loss_err, "grad_rel_err": grad_errs, "tolerance": tol,
+            "pass": loss_err <= tol["loss"] and max(grad_errs) <= tol["grad"],
+        }  # fmt: skip
+        print(f"[check] {row}", flush=True)
+        rows.append(row)
+    return rows
+
+
 def compiled_resources() -> dict[str, list[str]]:
     """Registers and spills of every kernel build Triton's JIT holds so far (the GPU's own build,
     to set beside the offline report of gist_fast.backends.triton.compile_check)."""
@@ -449,10 +542,13 @@ def run_sweep(args, plans: dict, deadline: float, device: str, rows: list, on_ro
                 continue
             input_bytes = sum(t.numel() * t.element_size() for t in student + guide)
             grad_bytes = sum(t.numel() * t.element_size() for t in student)
-            flops = useful_flops(batch, dim, args.guide_dim)
             for name in args.methods:
+                flops, flop_count = row_flops(name, batch, dim, args.guide_dim)
                 row = {"d": dim, "dg": args.guide_dim, "B": batch, "N": num_columns(batch), "method": name,
-                       "input_bytes": input_bytes, "grad_bytes": grad_bytes, "useful_flops": flops}  # fmt: skip
+                       "input_bytes": input_bytes, "grad_bytes": grad_bytes, "useful_flops": flops,
+                       "flop_count": flop_count}  # fmt: skip
+                if name in MATRYOSHKA_SINGLE:
+                    row["matryoshka_dims"] = list(matryoshka_dims(dim))
                 predicted = flops / rate[name] * 1.3 if name in rate else None
                 remaining = deadline - time.perf_counter()
                 if name in failed:
@@ -548,7 +644,8 @@ def markdown(report: dict) -> str:
         + (" — **Triton interpreter on the CPU (smoke run, not a measurement)**" if env["interpreter"] else ""),
         "",
         f"Forward + backward, bf16, dg = {guide_dim}, one negative column, both contrast blocks (N = 4B), "
-        "temperature 0.01. Effective TFLOP/s = 2·B·N·(3d + dg) / time. Peak = max_memory_allocated "
+        "temperature 0.01. Effective TFLOP/s = 2·B·N·(3d + dg) / time (Matryoshka rows: see their section). "
+        "Peak = max_memory_allocated "
         "above the inputs (gradients included); ratio = (inputs + peak) / (inputs + gradients).",
         f"Tiles: {report['plans']}.",
         "",
@@ -587,7 +684,65 @@ def markdown(report: dict) -> str:
             )
         else:
             lines.append(f"| {r['d']} | {r['B']} | {r['method']} | | | | | {r.get('status')} |")
+    lines += _matryoshka_markdown(report["rows"])
     return "\n".join(lines) + "\n"
+
+
+def matryoshka_ratios(rows: list[dict]) -> list[dict]:
+    """Per (d, B) and one-pass Matryoshka method measured: its time over its single-dim method's
+    (MATRYOSHKA_SINGLE) and over sentence-transformers' MatryoshkaLoss's at the same d and B (None
+    where that one has no time: out of memory, skipped, not run)."""
+    timed = {(r["d"], r["B"], r["method"]): r["time_s"] for r in rows if r.get("status") == "ok"}
+    out = []
+    for r in rows:
+        if r["method"] not in ONE_PASS_MATRYOSHKA:
+            continue
+        key = (r["d"], r["B"])
+        mine = timed.get((*key, r["method"]))
+        single = timed.get((*key, MATRYOSHKA_SINGLE[r["method"]]))
+        st = timed.get((*key, "sentence-transformers-matryoshka"))
+        out.append({
+            "d": r["d"], "B": r["B"], "method": r["method"], "single": MATRYOSHKA_SINGLE[r["method"]],
+            "time_s": mine, "single_time_s": single, "st_time_s": st,
+            "vs_single": mine / single if mine and single else None, "vs_st": mine / st if mine and st else None,
+        })  # fmt: skip
+    return out
+
+
+def _matryoshka_markdown(rows: list[dict]) -> list[str]:
+    ratios = matryoshka_ratios(rows)
+    if not ratios:
+        return []
+    status = {(r["d"], r["B"], r["method"]): r.get("status") for r in rows}
+    dims = {r["d"]: r["matryoshka_dims"] for r in rows if "matryoshka_dims" in r}
+
+    def cell(seconds, key):
+        if seconds is not None:
+            return f"{seconds * 1e3:.2f}"
+        return status.get(key) or "not run"
+
+    lines = [
+        "", "## Matryoshka (issue 13): several prefix dims in one pass against one dim",
+        "",
+        f"Prefix dims: {'; '.join(f'd = {d}: {tuple(m)}' for d, m in sorted(dims.items()))}, weights 1; "
+        "otherwise the shapes above. The TFLOP/s of the Matryoshka rows above count 2·B·N·(2dg + 2·max m + "
+        "2·Σm): the executed FLOPs of the two-pass one-pass plan (benchmarks/NOTES.md, Matryoshka; 7040 per "
+        "2BN at d = 768 against 5120 for one dim, 1.375x; the chunked plan executes 6080, 1.19x). Targets: "
+        "all dims / single dim <= 1.6x, all dims / sentence-transformers' MatryoshkaLoss <= 0.5x.",
+        "",
+        "| d | B | method | time (ms) | single dim | its time (ms) | all dims / single | "
+        "sentence-transformers Matryoshka (ms) | all dims / theirs |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]  # fmt: skip
+    for q in ratios:
+        key = (q["d"], q["B"])
+        ratio = lambda x: "" if x is None else f"{x:.2f}x"  # noqa: E731
+        lines.append(
+            f"| {q['d']} | {q['B']} | {q['method']} | {cell(q['time_s'], (*key, q['method']))} | {q['single']} | "
+            f"{cell(q['single_time_s'], (*key, q['single']))} | {ratio(q['vs_single'])} | "
+            f"{cell(q['st_time_s'], (*key, 'sentence-transformers-matryoshka'))} | {ratio(q['vs_st'])} |"
+        )
+    return lines
 
 
 def _ceilings_markdown(ceilings: dict) -> list[str]:
@@ -717,12 +872,16 @@ def main(argv: list[str] | None = None) -> int:
         # After every stage and every measured row: a run killed at the device's time limit keeps
         # what it measured. Written aside, then renamed: a file is never left half-written.
         report["wall_s"] = time.perf_counter() - start
+        report["matryoshka_ratios"] = matryoshka_ratios(report["rows"])
         for suffix, text in ((".json", json.dumps(report, indent=1)), (".md", markdown(report))):
             tmp = stem.with_suffix(suffix + ".tmp")
             tmp.write_text(text)
             tmp.replace(stem.with_suffix(suffix))
 
     report["correctness"] = check_correctness(*check_shape, device, plans)
+    one_pass = tuple(m for m in args.methods if m in ONE_PASS_MATRYOSHKA)
+    if one_pass:
+        report["correctness"] += check_matryoshka(*check_shape, device, plans, one_pass)
     save()
     report["ceilings"] = _probe(measure_ceilings, device, dims=(check_shape[1], check_shape[2]), smoke=args.smoke)
     save()

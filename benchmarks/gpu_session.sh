@@ -8,6 +8,10 @@
 #   2. the benchmark within a 200 s budget: the float64 correctness check (both Triton plans,
 #      "torch", the materialised bf16 loss), the card's rates, the profile of each plan, and the
 #      d = 768 sweep at B = 16384, 32768, 65536 of the Triton plans and the materialised bf16 loss;
+#      issue 13's Matryoshka rows last at each B (dims 768..64 on the chunked one-pass path, its bf16
+#      check against float64; sentence-transformers' MatryoshkaLoss, predicted out of memory at these
+#      B, recorded so): estimated +20-45 s, mostly the Matryoshka kernels' compilation, taken from
+#      stage 3's slot;
 #   3. the training benchmark (issue 11) in what stages 1 and 2 leave of 420 s, at most 170 s (below);
 #      tests/test_training_gpu.py runs with the suite of stage 1.
 # Everything lands in the given folder: gpu.txt (nvidia-smi and each stage's seconds), tests.log,
@@ -51,7 +55,8 @@ stage "tests exit $tests_rc (124: cut off at $tests_s s), done"
 
 # 2. The benchmark (its report is rewritten after every row: a cut-off call keeps what it measured).
 timeout -k 10 $((bench_budget_s + 120)) python3 benchmarks/bench_triton_gpu.py --out "$out" --dims 768 \
-    --batches 16384 32768 65536 --methods triton triton-chunked materialised-bf16 --no-tune \
+    --batches 16384 32768 65536 --no-tune \
+    --methods triton triton-chunked materialised-bf16 triton-chunked-matryoshka sentence-transformers-matryoshka \
     --budget-s "$bench_budget_s" "$@" >"$out/bench.log" 2>&1
 bench_rc=$?
 tail -n 40 "$out/bench.log"

@@ -3,7 +3,8 @@
 Sessions without a GPU prepare `benchmarks/bench_triton_gpu.py` for the one device call of a later
 session; this keeps it from rotting in between. It runs the script in a fresh process (it picks
 the interpreter before importing Triton) and checks its report: both Triton plans agree with the
-torch backend, every stage reported, every method measured, and the report marked complete.
+torch backend, every stage reported, every method measured (issue 13's Matryoshka losses too, with
+their time ratios), and the report marked complete.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,20 +34,39 @@ def test_gpu_benchmark_smoke_run_reports_every_stage(tmp_path):
     # Every method against the float64 oracle; the materialised bf16 loss in bf16 only.
     checked = {(c["plan"], c["dtype"]) for c in report["correctness"]}
     plans = ("triton", "triton-chunked", "torch")
-    assert checked == {(p, d) for p in plans for d in ("bfloat16", "float32")} | {("materialised-bf16", "bfloat16")}
-    assert all(c["pass"] and c["oracle"] == "torch backend, float64" for c in report["correctness"])
+    matryoshka_checked = {("triton-chunked-matryoshka", "bfloat16"), ("torch-matryoshka", "bfloat16")}
+    bf16_only = {("materialised-bf16", "bfloat16")} | matryoshka_checked
+    assert checked == {(p, d) for p in plans for d in ("bfloat16", "float32")} | bf16_only
+    assert all(c["pass"] for c in report["correctness"]), [c for c in report["correctness"] if not c["pass"]]
+    oracles = {(c["plan"], c["dtype"]): c["oracle"] for c in report["correctness"]}
+    assert all(oracles[k] == "sum of single-dim torch losses, float64" for k in matryoshka_checked)
+    assert all(v == "torch backend, float64" for k, v in oracles.items() if k not in matryoshka_checked)
     assert any("tflops" in g for g in report["ceilings"]["gemm"])
     assert all(r["tb_per_s"] > 0 for r in report["ceilings"]["read"])
     assert [t.get("error") for t in report["tuning"]] == [None, None]
     measured = {(r["B"], r["method"]) for r in report["rows"] if r["status"] == "ok"}
     methods = {"triton", "triton-chunked", "materialised-bf16", "torch", "reference", "compiled"}
     methods.add("sentence-transformers")
+    # Issue 13: the Matryoshka losses, one-pass (Triton chunked plan, torch) and sentence-transformers'.
+    methods |= {"triton-chunked-matryoshka", "torch-matryoshka", "sentence-transformers-matryoshka"}
     assert measured == {(b, m) for b in (16, 40) for m in methods}
+    matryoshka_rows = [r for r in report["rows"] if r["method"].endswith("-matryoshka")]
+    assert all(r["matryoshka_dims"] == [16, 10, 5, 4] and "max m" in r["flop_count"] for r in matryoshka_rows)
+    # Each one-pass loss's time over its single-dim method's and over sentence-transformers' Matryoshka loss.
+    ratios = {(q["B"], q["method"]): q for q in report["matryoshka_ratios"]}
+    assert set(ratios) == {(b, m) for b in (16, 40) for m in ("triton-chunked-matryoshka", "torch-matryoshka")}
+    for (batch, method), q in ratios.items():
+        single = {"triton-chunked-matryoshka": "triton-chunked", "torch-matryoshka": "torch"}[method]
+        times = {r["method"]: r["time_s"] for r in report["rows"] if r["B"] == batch}
+        assert q["vs_single"] == pytest.approx(times[method] / times[single])
+        assert q["vs_st"] == pytest.approx(times[method] / times["sentence-transformers-matryoshka"])
     # torch.compile's compilation happens in an untimed warm-up call, never in the timed ones.
     compiled = [r for r in report["rows"] if r["method"] == "compiled"]
     assert all(r["warmup_s"] is not None for r in compiled)
     assert all(r["warmup_s"] is None for r in report["rows"] if r["method"] != "compiled" and r["status"] == "ok")
-    assert "## Time and memory" in (tmp_path / "triton_gpu_smoke.md").read_text()
+    report_md = (tmp_path / "triton_gpu_smoke.md").read_text()
+    assert "## Time and memory" in report_md and "## Matryoshka (issue 13)" in report_md
+    assert f"| {ratios[(40, 'torch-matryoshka')]['vs_single']:.2f}x |" in report_md
     assert not list(tmp_path.glob("*.tmp"))
     assert (tmp_path / "triton_gpu_smoke.png").stat().st_size > 10_000  # the time and memory plot
 
